@@ -1,0 +1,170 @@
+"""Validation and normalisation of CTC inputs (shared by loss, alignment and targets).
+
+Every public entry point funnels its arguments through :func:`ctc_batch`, which checks them
+before any computation and returns one canonical, batch-padded form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+Lengths = Union[Tensor, Sequence[int], int]
+
+
+@dataclass(frozen=True)
+class CTCBatch:
+    """Canonical CTC inputs.
+
+    Attributes:
+        log_probs: ``(T, B, C)`` floating tensor (the caller's dtype and device).
+        targets: ``(B, S)`` int64, padded; entries at or beyond ``target_lengths`` are ``blank``.
+        input_lengths: ``(B,)`` int64 on ``log_probs.device``.
+        target_lengths: ``(B,)`` int64 on ``log_probs.device``.
+        blank: index of the blank class.
+        unbatched: True when the caller passed ``(T, C)`` log-probs.
+        max_input_length: ``max(input_lengths)`` as a Python int (0 for an empty batch).
+    """
+
+    log_probs: Tensor
+    targets: Tensor
+    input_lengths: Tensor
+    target_lengths: Tensor
+    blank: int
+    unbatched: bool
+    max_input_length: int
+
+
+def _lengths_tensor(name: str, value: Lengths, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers (int32 or int64), got dtype {value.dtype}")
+        return value.to(device=device, dtype=torch.int64)
+    if isinstance(value, bool) or not isinstance(value, (int, Sequence)):
+        raise TypeError(f"{name} must be a tensor, a sequence of ints or an int, got {type(value).__name__}")
+    items = [value] if isinstance(value, int) else list(value)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name} must hold integers, got {item!r}")
+    return torch.tensor(items if not isinstance(value, int) else value, dtype=torch.int64, device=device)
+
+
+def ctc_batch(
+    log_probs: Tensor,
+    targets: Tensor | None,
+    input_lengths: Lengths | None,
+    target_lengths: Lengths | None,
+    blank: int = 0,
+    *,
+    check_target_values: bool = True,
+) -> CTCBatch:
+    """Check CTC inputs and bring them to the canonical padded, batched form.
+
+    Accepts what ``torch.nn.functional.ctc_loss`` accepts: ``log_probs`` ``(T, B, C)`` or ``(T, C)``;
+    ``targets`` padded ``(B, S)``, concatenated ``(sum(target_lengths),)`` or unbatched ``(S,)``;
+    lengths as int tensors (any device), sequences or ints. ``None`` lengths mean "full length"
+    (the whole time axis, the whole padded target row).
+
+    Raises:
+        TypeError: non-floating ``log_probs``, non-integer targets or lengths.
+        ValueError: wrong ranks, batch-size mismatches, lengths out of range, target values outside
+            ``[0, C)`` or equal to ``blank``, ``blank`` outside ``[0, C)``.
+    """
+    if not isinstance(log_probs, Tensor):
+        raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
+    if not log_probs.is_floating_point():
+        raise TypeError(f"log_probs must be a floating tensor (float16/bfloat16/float32/float64), got {log_probs.dtype}")
+    if log_probs.dim() not in (2, 3):
+        raise ValueError(f"log_probs must be (T, B, C) or (T, C), got shape {tuple(log_probs.shape)}")
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs = log_probs.unsqueeze(1)
+    T, B, C = log_probs.shape
+    if C < 1:
+        raise ValueError("log_probs must have at least one class (C >= 1)")
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    if not 0 <= blank < C:
+        raise ValueError(f"blank must be in [0, C) = [0, {C}), got {blank}")
+    device = log_probs.device
+
+    if targets is None:
+        raise TypeError("targets must be a tensor of class indices, got None")
+    if not isinstance(targets, Tensor):
+        targets = torch.as_tensor(targets)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
+    targets = targets.to(device=device, dtype=torch.int64)
+
+    if input_lengths is None:
+        input_lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+    else:
+        input_lengths = _lengths_tensor("input_lengths", input_lengths, device)
+    if unbatched:
+        if targets.dim() != 1:
+            raise ValueError(f"unbatched (T, C) log_probs need 1-D targets (S,), got shape {tuple(targets.shape)}")
+        targets = targets.unsqueeze(0)
+        if target_lengths is None:
+            target_lengths = targets.shape[1]
+        input_lengths = input_lengths.reshape(-1)
+        target_lengths = _lengths_tensor("target_lengths", target_lengths, device).reshape(-1)
+    elif target_lengths is None:
+        if targets.dim() != 2:
+            raise ValueError("target_lengths may be omitted only with padded (B, S) targets")
+        target_lengths = torch.full((B,), targets.shape[1], dtype=torch.int64, device=device)
+    else:
+        target_lengths = _lengths_tensor("target_lengths", target_lengths, device)
+
+    for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError(f"{name} must have shape (B,) = ({B},) to match log_probs, got {tuple(lengths.shape)}")
+    if B and int(input_lengths.min()) < 0:
+        raise ValueError("input_lengths must be >= 0")
+    if B and int(input_lengths.max()) > T:
+        raise ValueError(f"input_lengths must be <= T = {T} (log_probs.shape[0]), got {int(input_lengths.max())}")
+    if B and int(target_lengths.min()) < 0:
+        raise ValueError("target_lengths must be >= 0")
+
+    if targets.dim() == 2:
+        if targets.shape[0] != B:
+            raise ValueError(f"targets has batch size {targets.shape[0]}, log_probs has {B}")
+        if B and int(target_lengths.max()) > targets.shape[1]:
+            raise ValueError(
+                f"target_lengths must be <= the padded target width {targets.shape[1]}, got {int(target_lengths.max())}"
+            )
+        width = int(target_lengths.max()) if B else 0
+        padded = targets[:, :width]
+    elif targets.dim() == 1:
+        total = int(target_lengths.sum())
+        if targets.shape[0] != total:
+            raise ValueError(
+                f"concatenated 1-D targets must have length sum(target_lengths) = {total}, got {targets.shape[0]}"
+            )
+        width = int(target_lengths.max()) if B else 0
+        offsets = torch.cumsum(target_lengths, 0) - target_lengths
+        index = offsets[:, None] + torch.arange(width, device=device)
+        padded = targets[index.clamp(max=max(total - 1, 0))] if total else torch.zeros(B, width, dtype=torch.int64, device=device)
+    else:
+        raise ValueError(f"targets must be (B, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
+
+    valid = torch.arange(padded.shape[1], device=device) < target_lengths[:, None]
+    if check_target_values and padded.numel():
+        bad = valid & ((padded < 0) | (padded >= C) | (padded == blank))
+        if bool(bad.any()):
+            b, s = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"targets must be class indices in [0, C) = [0, {C}) other than blank={blank}; "
+                f"item {b} position {s} holds {int(padded[b, s])}"
+            )
+    padded = torch.where(valid, padded, torch.full_like(padded, blank))
+    return CTCBatch(
+        log_probs=log_probs,
+        targets=padded,
+        input_lengths=input_lengths,
+        target_lengths=target_lengths,
+        blank=blank,
+        unbatched=unbatched,
+        max_input_length=int(input_lengths.max()) if B else 0,
+    )

@@ -86,6 +86,13 @@ class CTCTrellis:
             skip[:, 3::2] &= targets[:, 1:] != targets[:, :-1]
         return cls(labels, skip, batch.input_lengths, batch.target_lengths, batch.blank, float(delay_penalty))
 
+    def select(self, items: Tensor) -> "CTCTrellis":
+        """The trellis of a subset of the batch (``items``: indices or a bool mask)."""
+        return CTCTrellis(
+            self.labels[items], self.skip[items], self.input_lengths[items], self.target_lengths[items],
+            self.blank, self.delay_penalty,
+        )
+
     @property
     def num_states(self) -> Tensor:
         """``(B,)`` int64, ``2 L + 1`` states of each item."""

@@ -1,0 +1,53 @@
+"""The CPU kernels of impl='fused' against the pure-PyTorch log-space path they must reproduce."""
+import pytest
+import torch
+from conftest import random_batch
+
+from ctclab._fused import fused_nll
+from ctclab._inputs import ctc_batch
+from ctclab.loss import ctc_loss
+from ctclab.trellis import CTCTrellis
+
+
+def nll_and_grad(log_probs, targets, il, tl, use_kernels, topology="standard"):
+    x = log_probs.detach().clone().requires_grad_(True)
+    trellis = CTCTrellis.build(ctc_batch(x, targets, il, tl), topology)
+    nll = fused_nll(trellis, x, use_kernels=use_kernels)
+    weights = torch.linspace(0.5, 1.5, nll.shape[0], dtype=nll.dtype)
+    (grad,) = torch.autograd.grad((torch.nan_to_num(nll, posinf=0.0) * weights).sum(), x)
+    return nll.detach(), grad
+
+
+@pytest.mark.parametrize("topology", ["standard", "modified"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_log_space_reference(dtype, topology):
+    for seed, (T, B, C, L) in enumerate([(30, 6, 5, 10), (50, 4, 12, 20), (7, 5, 3, 3), (64, 3, 40, 30)]):
+        logits, targets, il, tl = random_batch(T, B, C, L, seed=seed, dtype=dtype, repeats=seed % 2 == 0)
+        lp = logits.log_softmax(-1)
+        got = nll_and_grad(lp, targets, il, tl, True, topology)
+        ref = nll_and_grad(lp, targets, il, tl, False, topology)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[0], ref[0], **tol)
+        torch.testing.assert_close(got[1], ref[1], **tol)
+
+
+@pytest.mark.parametrize("scale", [50.0, 400.0, 3000.0])
+def test_extreme_dynamic_range_matches_log_space(scale):
+    """Scores spanning thousands of nats underflow in probability space; flagged items are
+    recomputed in log space, so the kernels' answers stay those of the log-space recursion."""
+    logits, targets, il, tl = random_batch(40, 6, 6, 12, seed=5, dtype=torch.float64)
+    lp = (logits * scale).log_softmax(-1)
+    got = nll_and_grad(lp, targets, il, tl, True)
+    ref = nll_and_grad(lp, targets, il, tl, False)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-8)
+
+
+def test_auto_is_fused():
+    logits, targets, il, tl = random_batch(10, 2, 4, 3, seed=1)
+    x = logits.clone().requires_grad_(True)
+    loss = ctc_loss(x.log_softmax(-1), targets, il, tl, impl="auto")
+    assert torch.equal(loss, ctc_loss(x.log_softmax(-1), targets, il, tl, impl="fused"))
+    with pytest.raises(RuntimeError, match="impl='autograd'"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -8,14 +8,10 @@ pure-PyTorch log-space recursion of :mod:`ctclab.trellis`, which is also the ker
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .trellis import CTCTrellis, class_posteriors, is_impossible, log_alpha, log_likelihood, state_posteriors
-
-_EXP_UNDERFLOW = math.log(torch.finfo(torch.float64).tiny)
 
 DOUBLE_BACKWARD_ERROR = (
     "impl='fused' computes first derivatives only; pass impl='autograd' to ctclab.ctc_loss for "
@@ -52,22 +48,16 @@ class _KernelState:
         self.skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
         T = self.lp.shape[0]
-        # one exp per distinct label per frame, vectorised by torch; none in the kernels' state loops
-        class_scores = self.lp.transpose(0, 1).gather(2, self.classes.unsqueeze(1).expand(-1, T, -1)).double()
-        padding = (torch.arange(class_scores.shape[2]) >= self.num_classes[:, None]).unsqueeze(1)
-        class_scores.masked_fill_(padding, -torch.inf)
-        frame_max = class_scores.amax(2)  # (B, T); -inf marks a frame where every label is impossible
-        shifted = class_scores - torch.where(torch.isfinite(frame_max), frame_max, 0.0).unsqueeze(2)
-        underflow = ((shifted < _EXP_UNDERFLOW) & (class_scores > -torch.inf)).flatten(1).any(1)
-        self.scaled = shifted.exp_()
+        self.scaled = torch.empty(B, T, max(U, 1), dtype=torch.float64)
         self.alpha = torch.empty(B, T, S, dtype=self.lp.dtype)
         loglik, flagged = _kernels.forward(
-            self.skip.numpy(), self.state_class.numpy(), trellis.num_states.numpy(),
-            trellis.input_lengths.numpy(), self.scaled.numpy(), frame_max.numpy(), self.alpha.numpy(),
+            self.lp.numpy(), self.classes.numpy(), self.num_classes.numpy(), self.skip.numpy(),
+            self.state_class.numpy(), trellis.num_states.numpy(), trellis.input_lengths.numpy(),
+            self.scaled.numpy(), self.alpha.numpy(),
         )
         loglik = torch.from_numpy(loglik)
         # an item that has a path but whose kernel score vanished underflowed: redo in log space
-        self.redo = torch.from_numpy(flagged) | underflow | (torch.isinf(loglik) & trellis.feasible)
+        self.redo = torch.from_numpy(flagged) | (torch.isinf(loglik) & trellis.feasible)
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
             nll[self.redo] = _log_space_nll(trellis.select(self.redo), log_probs[:, self.redo])

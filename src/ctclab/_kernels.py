@@ -32,7 +32,7 @@ def _band(t, Tb, Sb):
 
 
 @_jit
-def forward(skip, state_class, num_states, input_lengths, scaled, frame_max, alpha):
+def forward(log_probs, classes, num_classes, skip, state_class, num_states, input_lengths, scaled, alpha):
     """Forward pass.
 
     Args:
@@ -43,8 +43,8 @@ def forward(skip, state_class, num_states, input_lengths, scaled, frame_max, alp
             (two trailing zeros for states past the end).
         state_class: ``(B, S)`` int64, column of each state's label in ``classes``.
         num_states: ``(B,)`` 2L+1; input_lengths: ``(B,)``.
-        scaled: ``(T, B, U)`` float64 out, ``exp(log_prob - frame max)`` of each distinct label.
-        alpha: ``(T, B, S)`` out, forward variables renormalised per frame (band only).
+        scaled: ``(B, T, U)`` float64 out, ``exp(log_prob - frame max)`` of each distinct label.
+        alpha: ``(B, T, S)`` out, forward variables up to a per-frame scale (band only).
 
     Returns:
         ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` bool underflow flags.
@@ -61,9 +61,17 @@ def forward(skip, state_class, num_states, input_lengths, scaled, frame_max, alp
         inv_prev = 1.0
         ok = Tb > 0
         for t in range(Tb):
-            if frame_max[b, t] == -np.inf:
+            frame_max = -np.inf
+            for u in range(num_classes[b]):
+                frame_max = max(frame_max, np.float64(log_probs[t, b, classes[b, u]]))
+            if frame_max == -np.inf:  # every label impossible at this frame
                 ok = False
                 break
+            for u in range(num_classes[b]):
+                score = np.float64(log_probs[t, b, classes[b, u]])
+                e = math.exp(score - frame_max)
+                flagged[b] |= (e == 0.0) & (score != -np.inf)
+                scaled[b, t, u] = e
             lo, hi = _band(t, Tb, Sb)
             # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
             # posteriors (normalised per frame) do not see and the likelihood adds back in logs
@@ -83,7 +91,7 @@ def forward(skip, state_class, num_states, input_lengths, scaled, frame_max, alp
             flagged[b] |= underflow
             cur[lo : lo + 2] = 0.0  # states lo-2, lo-1: read next frame, stale from two frames ago
             inv_prev = 1.0 / norm
-            total += math.log(norm) + frame_max[b, t]
+            total += math.log(norm) + frame_max
             prev, cur = cur, prev
         if ok:
             end = prev[Sb + 1] + (prev[Sb] if Sb > 1 else 0.0)

@@ -1,0 +1,228 @@
+"""``ctclab bench``: the CTC losses side by side — the built-in, ctclab's autograd and fused paths.
+
+Timings are medians over repeated runs in one process after warm-up, reported with their ratio
+to the built-in measured in the same run. Peak memory is measured per implementation in a fresh
+subprocess on CPU (growth of peak RSS over the process's baseline) and with the CUDA allocator's
+peak on GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .loss import ctc_loss
+from .targets import alignment_targets
+
+SEED_SHAPE = (128, 256, 32, 60)
+GRID = [
+    (128, 256, 32, 60),  # the seed's shape
+    (500, 32, 29, 150),  # characters, long utterances
+    (250, 32, 1024, 80),  # BPE vocabulary
+    (1000, 8, 5000, 300),  # long and wide
+    (50, 64, 80, 20),  # short lines (OCR)
+    (2000, 4, 32, 600),  # very long
+]
+IMPLS: dict[str, Callable] = {
+    "builtin": F.ctc_loss,
+    "autograd": lambda *a, **k: ctc_loss(*a, impl="autograd", **k),
+    "fused": lambda *a, **k: ctc_loss(*a, impl="fused", **k),
+}
+
+
+@dataclass
+class ImplResult:
+    impl: str
+    fwd_ms: float
+    bwd_ms: float
+    total_ms: float
+    fwd_ratio: float = float("nan")  # built-in time / this time: > 1 means faster than the built-in
+    bwd_ratio: float = float("nan")
+    total_ratio: float = float("nan")
+    peak_mb: float | None = None
+
+
+@dataclass
+class ShapeResult:
+    T: int
+    B: int
+    C: int
+    L: int
+    device: str
+    dtype: str
+    repeats: int
+    impls: list[ImplResult] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+    max_loss_diff: float = 0.0
+    max_grad_diff: float = 0.0
+
+
+def make_inputs(T: int, B: int, C: int, L: int, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Random logits ``(T, B, C)`` and a ragged batch: target lengths uniform in [L/2, L], input
+    lengths uniform in [3T/4, T] (raised where needed so that every target fits)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, B, C, generator=g)
+    targets = torch.randint(1, C, (B, L), generator=g)
+    target_lengths = torch.randint(max(L // 2, 0), L + 1, (B,), generator=g)
+    input_lengths = torch.randint(max(3 * T // 4, 1), T + 1, (B,), generator=g)
+    input_lengths[0] = T
+    repeats = torch.stack(
+        [(targets[b, 1 : target_lengths[b]] == targets[b, : max(target_lengths[b] - 1, 0)]).sum() for b in range(B)]
+    )
+    input_lengths = torch.maximum(input_lengths, (target_lengths + repeats).clamp(max=T))
+    return logits.to(device=device, dtype=dtype), targets.to(device), input_lengths.to(device), target_lengths.to(device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_impl(fn: Callable, inputs, device: str, repeats: int, warmup: int) -> tuple[float, float, float]:
+    logits, targets, il, tl = inputs
+    fwd, bwd, total = [], [], []
+    for i in range(warmup + repeats):
+        x = logits.detach().requires_grad_(True)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = fn(x.log_softmax(-1), targets, il, tl)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            total.append(t2 - t0)
+    return tuple(statistics.median(v) * 1e3 for v in (fwd, bwd, total))  # type: ignore[return-value]
+
+
+def _loss_and_grad(fn: Callable, inputs):
+    logits, targets, il, tl = inputs
+    x = logits.detach().double().requires_grad_(True)
+    loss = fn(x.log_softmax(-1), targets, il, tl, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+def _checks(inputs, result: ShapeResult) -> None:
+    """The seed's three checks, in float64 so that only real disagreements show: losses and
+    gradients (w.r.t. logits) agree with the built-in, and cross-entropy against the alignment
+    targets has the CTC gradient."""
+    logits, targets, il, tl = inputs
+    ref_loss, ref_grad = _loss_and_grad(F.ctc_loss, inputs)
+    loss_diff = grad_diff = 0.0
+    for name in ("autograd", "fused"):
+        loss, grad = _loss_and_grad(IMPLS[name], inputs)
+        loss_diff = max(loss_diff, float((loss - ref_loss).abs() / ref_loss.abs().clamp(min=1)))
+        grad_diff = max(grad_diff, float((grad - ref_grad).abs().max()))
+    result.max_loss_diff, result.max_grad_diff = loss_diff, grad_diff
+    result.checks["loss matches"] = loss_diff < 1e-8
+    result.checks["grad matches"] = grad_diff < 1e-8
+    x = logits.detach().double().requires_grad_(True)
+    q = alignment_targets(x.detach(), targets, il, tl)
+    ce = -(q * x.log_softmax(-1)).sum()
+    (ce_grad,) = torch.autograd.grad(ce, x)
+    _, ctc_grad = _loss_and_grad(IMPLS["fused"], (x.detach(), targets, il, tl))
+    result.checks["CE grad matches"] = float((ce_grad - ctc_grad).abs().max()) < 1e-8
+
+
+def _peak_memory_mb(impl: str, shape, device: str, dtype: str) -> float:
+    """Peak memory of one forward+backward of ``impl`` above what its inputs hold, in MB.
+
+    CUDA: the caching allocator's peak. CPU: a fresh subprocess (after one warm-up run) resets
+    its peak resident set (``/proc/self/clear_refs``), runs once and reads ``VmHWM``; large
+    blocks are mmap'd (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the resident set."""
+    if device.startswith("cuda"):
+        inputs = make_inputs(*shape, device=device, dtype=getattr(torch, dtype))
+        _time_impl(IMPLS[impl], inputs, device, 1, 1)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _time_impl(IMPLS[impl], inputs, device, 1, 0)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    code = f"""
+import gc, torch
+from ctclab import bench
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
+inputs = bench.make_inputs(*{tuple(shape)!r}, dtype=torch.{dtype})
+bench._time_impl(bench.IMPLS[{impl!r}], inputs, 'cpu', 1, 0)
+gc.collect()
+before = status('VmRSS:')
+open('/proc/self/clear_refs', 'w').write('5')
+bench._time_impl(bench.IMPLS[{impl!r}], inputs, 'cpu', 1, 0)
+print(status('VmHWM:') - before)
+"""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode:
+        return float("nan")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(
+    shapes: Iterable[tuple[int, int, int, int]] = (SEED_SHAPE,),
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 10,
+    warmup: int = 2,
+    memory: bool = True,
+    impls: Iterable[str] = ("builtin", "autograd", "fused"),
+    progress: Callable[[str], None] | None = None,
+) -> list[ShapeResult]:
+    """Benchmark each implementation on each ``(T, B, C, L)`` shape; see :class:`ShapeResult`."""
+    impls = list(impls)
+    results = []
+    for shape in shapes:
+        inputs = make_inputs(*shape, device=device, dtype=getattr(torch, dtype))
+        result = ShapeResult(*shape, device=device, dtype=dtype, repeats=repeats)
+        for name in impls:
+            if progress:
+                progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: timing {name}")
+            fn = IMPLS[name]
+            if name == "builtin" and dtype in ("float16", "bfloat16"):
+                fn = lambda lp, *a, **k: F.ctc_loss(lp.float(), *a, **k)  # noqa: E731 (the built-in rejects half)
+            res = ImplResult(name, *_time_impl(fn, inputs, device, repeats, warmup))
+            if memory:
+                res.peak_mb = _peak_memory_mb(name, shape, device, dtype)
+            result.impls.append(res)
+        base = next((r for r in result.impls if r.impl == "builtin"), None)
+        if base:
+            for r in result.impls:
+                r.fwd_ratio, r.bwd_ratio, r.total_ratio = base.fwd_ms / r.fwd_ms, base.bwd_ms / r.bwd_ms, base.total_ms / r.total_ms
+        if progress:
+            progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: checks")
+        _checks(inputs, result)
+        results.append(result)
+    return results
+
+
+def format_results(results: list[ShapeResult]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"T={r.T} B={r.B} C={r.C} L={r.L}  ({r.dtype}, {r.device}, median of {r.repeats})")
+        lines.append(f"  {'impl':<9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd ms':>11} {'speed-up vs built-in (fwd/bwd/total)':>38} {'peak MB':>9}")
+        for i in r.impls:
+            peak = "-" if i.peak_mb is None else f"{i.peak_mb:.1f}"
+            ratios = f"{i.fwd_ratio:.2f}x / {i.bwd_ratio:.2f}x / {i.total_ratio:.2f}x"
+            lines.append(f"  {i.impl:<9} {i.fwd_ms:>9.2f} {i.bwd_ms:>9.2f} {i.total_ms:>11.2f} {ratios:>38} {peak:>9}")
+        checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r.checks.items())
+        lines.append(f"  checks: {checks}  (max rel loss diff {r.max_loss_diff:.1e}, max grad diff {r.max_grad_diff:.1e})")
+    fused = [i.total_ratio for r in results for i in r.impls if i.impl == "fused"]
+    if len(fused) > 1:
+        geo = float(torch.tensor(fused).log().mean().exp())
+        lines.append(f"fused fwd+bwd speed-up over the built-in: geometric mean {geo:.2f}x, min {min(fused):.2f}x")
+    return "\n".join(lines)
+
+
+def to_json(results: list[ShapeResult]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)

@@ -3,8 +3,9 @@
 The forward pass computes alpha without autograd; the backward pass computes beta and returns
 the posterior occupation scattered onto the classes (the true gradient, for any log-scores).
 On CPU the numba kernels of :mod:`ctclab._kernels` run the recursion (probability space,
-rescaled per frame, parallel over the batch); items they flag, and every other device, use the
-pure-PyTorch log-space recursion of :mod:`ctclab.trellis`, which is also the kernels' reference.
+rescaled per frame, parallel over the batch; they compute beta at forward time, see
+:class:`_KernelState`); items whose underflow they cannot bound, and every other device, use
+the pure-PyTorch log-space recursion of :mod:`ctclab.trellis`, which is also their reference.
 """
 from __future__ import annotations
 
@@ -30,53 +31,63 @@ def _log_space_grad(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
     return class_posteriors(trellis, gamma, log_probs.shape[2])
 
 
-class _KernelState:
-    """What the CPU kernels' forward leaves for their backward."""
+#: Largest relative error from underflow (bounded by :func:`ctclab._kernels.posteriors`) that an
+#: item may carry before it is recomputed in log space.
+_MAX_UNDERFLOW_ERROR = 1e-13
 
-    def __init__(self, trellis: CTCTrellis, log_probs: Tensor):
+
+class _KernelState:
+    """The CPU kernels' forward-backward of a batch.
+
+    The posteriors are computed at forward time when a gradient will be needed: the exactness
+    check (:func:`ctclab._kernels.posteriors`) needs the backward variables anyway, and the
+    forward variables can then be freed. Without a gradient only items whose forward pass lost
+    mass to underflow run the backward check."""
+
+    def __init__(self, trellis: CTCTrellis, log_probs: Tensor, need_grad: bool):
         from . import _kernels
 
         labels = trellis.labels
         B, S = labels.shape
         C = log_probs.shape[2]
         present = torch.zeros(B, C, dtype=torch.bool).scatter_(1, labels, True)
-        self.num_classes = present.sum(1)
-        U = int(self.num_classes.max()) if B else 0
-        self.classes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U].contiguous()
-        self.state_class = (present.cumsum(1) - 1).gather(1, labels).contiguous()
-        self.trellis = trellis
-        self.skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
+        num_classes = present.sum(1)
+        U = int(num_classes.max()) if B else 0
+        classes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U].contiguous()
+        state_class = (present.cumsum(1) - 1).gather(1, labels).contiguous()
+        skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
         T = self.lp.shape[0]
-        self.scaled = torch.empty(B, T, max(U, 1), dtype=torch.float64)
-        self.alpha = torch.empty(B, T, S, dtype=self.lp.dtype)
-        loglik, flagged = _kernels.forward(
-            self.lp.numpy(), self.classes.numpy(), self.num_classes.numpy(), self.skip.numpy(),
-            self.state_class.numpy(), trellis.num_states.numpy(), trellis.input_lengths.numpy(),
-            self.scaled.numpy(), self.alpha.numpy(),
+        scaled = torch.empty(B, T, max(U, 1), dtype=torch.float64)
+        alpha = torch.empty(B, T, S, dtype=torch.float64)
+        common = (classes.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy())
+        lengths = (trellis.num_states.numpy(), trellis.input_lengths.numpy())
+        loglik, dropped = _kernels.forward(self.lp.numpy(), *common, *lengths, scaled.numpy(), alpha.numpy())
+        loglik, dropped = torch.from_numpy(loglik), torch.from_numpy(dropped)
+        possible = torch.isfinite(loglik)
+        active = possible if need_grad else possible & dropped
+        self.occupancy = torch.zeros(B, T, U, dtype=self.lp.dtype) if need_grad else torch.empty(0, 0, 0, dtype=self.lp.dtype)
+        self.classes = classes
+        error = torch.from_numpy(
+            _kernels.posteriors(*common, *lengths, alpha.numpy(), scaled.numpy(), active.numpy(), self.occupancy.numpy(), need_grad)
         )
-        loglik = torch.from_numpy(loglik)
-        # an item that has a path but whose kernel score vanished underflowed: redo in log space
-        self.redo = torch.from_numpy(flagged) | (torch.isinf(loglik) & trellis.feasible)
+        # a vanished score with a path, or underflow that may matter: log space
+        self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
             nll[self.redo] = _log_space_nll(trellis.select(self.redo), log_probs[:, self.redo])
         self.nll = nll
+        self.trellis = trellis
 
     def grad(self, grad_nll: Tensor) -> Tensor:
-        from . import _kernels
-
-        trellis = self.trellis
-        finite = torch.isfinite(self.nll) & ~self.redo
-        scale = torch.where(finite, grad_nll.double(), 0.0)
+        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
+        T = self.lp.shape[0]
         grad = torch.zeros_like(self.lp)
-        flagged = _kernels.backward(
-            self.classes.numpy(), self.num_classes.numpy(), self.skip.numpy(), self.state_class.numpy(), trellis.num_states.numpy(),
-            trellis.input_lengths.numpy(), self.alpha.numpy(), self.scaled.numpy(), scale.numpy(), grad.numpy(),
-        )
-        redo = (self.redo | torch.from_numpy(flagged)) & (grad_nll != 0)
+        occupancy = (self.occupancy * scale[:, None, None]).transpose(0, 1)
+        grad.scatter_(2, self.classes.unsqueeze(0).expand(T, -1, -1), occupancy)
+        redo = self.redo & (grad_nll != 0)
         if bool(redo.any()):
-            sub = -_log_space_grad(trellis.select(redo), self.lp[:, redo])
+            sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])
             grad[:, redo] = sub * grad_nll[redo].to(sub.dtype)[None, :, None]
         return grad
 
@@ -98,7 +109,7 @@ class _FusedCTC(torch.autograd.Function):
     def forward(ctx, log_probs: Tensor, trellis: CTCTrellis, use_kernels: bool) -> Tensor:
         ctx.trellis = trellis
         if use_kernels:
-            ctx.kernel_state = _KernelState(trellis, log_probs)
+            ctx.kernel_state = _KernelState(trellis, log_probs, need_grad=ctx.needs_input_grad[0])
             return ctx.kernel_state.nll
         ctx.kernel_state = None
         ctx.num_classes = log_probs.shape[2]

@@ -7,9 +7,13 @@ variables are renormalised to sum to 1 at every frame, and the posteriors come o
 per frame. Only states on the band that can both be reached from the start and still reach the
 end are visited; the others have zero posterior.
 
-Exactness guard: a state or emission whose score underflows to 0 although it should not flags
-the item; the caller recomputes flagged items in log space (:mod:`ctclab.trellis`). So results
-are those of the log-space recursion, however extreme the scores.
+Exactness guard: a forward or backward variable below :data:`TINY` (in its frame's scale) may
+have lost mass to underflow, at most ``TINY`` of it. Such a loss at frame ``t`` in state ``s``
+changes the likelihood and every posterior by at most ``TINY * beta_t(s) / z_t`` relative
+(``TINY * alpha_t(s) / z_t`` for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``:
+the lost mass's whole future is in ``beta_t(s)``. :func:`posteriors` adds these bounds up;
+the caller recomputes items whose bound is not negligible in log space (:mod:`ctclab.trellis`),
+so results are those of the log-space recursion, however extreme the scores.
 
 The state graph (labels, skip transitions) comes from :class:`ctclab.trellis.CTCTrellis`;
 these kernels only run its recursion.
@@ -23,6 +27,9 @@ import numpy as np
 
 # reassociation lets LLVM vectorise the per-frame sums; no flag that assumes finite values
 _jit = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+
+#: Values below this (float64, in their frame's scale) count as possibly truncated by underflow.
+TINY = 1e-300
 
 
 @numba.njit(inline="always")
@@ -47,7 +54,8 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
         alpha: ``(B, T, S)`` out, forward variables up to a per-frame scale (band only).
 
     Returns:
-        ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` bool underflow flags.
+        ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` bool: whether any variable
+        fell below :data:`TINY` (see :func:`posteriors` for when that matters).
     """
     B, T, S = alpha.shape
     loglik = np.full(B, -np.inf)
@@ -70,7 +78,6 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
             for u in range(num_classes[b]):
                 score = np.float64(log_probs[t, b, classes[b, u]])
                 e = math.exp(score - frame_max)
-                flagged[b] |= (e == 0.0) & (score != -np.inf)
                 scaled[b, t, u] = e
             lo, hi = _band(t, Tb, Sb)
             # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
@@ -81,7 +88,7 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
                 inflow = 1.0 if t == 0 else prev[s + 2] + prev[s + 1] + skip[b, s] * prev[s]
                 y = scaled[b, t, state_class[b, s]] * inv_prev
                 v = inflow * y
-                underflow |= (v == 0.0) & (inflow > 0.0) & (y > 0.0)
+                underflow |= v < TINY
                 cur[s + 2] = v
                 alpha[b, t, s] = v
                 norm += v
@@ -100,51 +107,136 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
 
 
 @_jit
-def backward(classes, num_classes, skip, state_class, num_states, input_lengths, alpha, scaled, grad_scale, grad):
-    """Backward pass: ``grad[t, b, k] -= grad_scale[b] * gamma_t(k)`` for every item with a
-    non-zero ``grad_scale``. Returns ``(B,)`` bool flags (underflow: recompute in log space)."""
+def posteriors(classes, num_classes, skip, state_class, num_states, input_lengths, alpha, scaled, active, occupancy, write):
+    """Backward pass: beta, and ``occupancy[b, t, u] = gamma_t(classes[b, u])`` (when ``write``) for
+    every ``active`` item: ``(B, T, U)``, compact over each item's distinct labels.
+
+    Returns ``(B,)`` float64, a bound on the relative error that underflow caused (see the module
+    docstring; 0 for inactive items, inf where a frame's ``z`` vanished).
+    """
     B, T, S = alpha.shape
-    flagged = np.zeros(B, dtype=np.bool_)
+    error = np.zeros(B)
     for b in numba.prange(B):
-        g = grad_scale[b]
         Sb = num_states[b]
         Tb = input_lengths[b]
-        if g == 0.0 or Tb == 0:
+        if not active[b] or Tb == 0:
             continue
         beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
         weighted = np.zeros(Sb + 2)  # below the band: never written, so zero
-        occupancy = np.zeros(num_classes[b])
+        per_class = np.zeros(num_classes[b])
         beta[Sb - 1] = 1.0
         if Sb > 1:
             beta[Sb - 2] = 1.0
         for t in range(Tb - 1, -1, -1):
             lo, hi = _band(t, Tb, Sb)
             z = 0.0
-            norm = 0.0
-            underflow = False
+            beta_norm = 0.0
+            exposed = 0.0  # sum of the partner variable over states that may have underflowed
             for s in range(lo, hi):
                 u = state_class[b, s]
-                ab = alpha[b, t, s] * beta[s]
-                occupancy[u] += ab
+                a = alpha[b, t, s]
+                ab = a * beta[s]
+                per_class[u] += ab
                 z += ab
-                norm += beta[s]
-                y = scaled[b, t, u]
-                w = beta[s] * y
-                weighted[s] = w
-                underflow |= (w == 0.0) & (beta[s] > 0.0) & (y > 0.0)
-            flagged[b] |= underflow
+                beta_norm += beta[s]
+                exposed += (a < TINY) * beta[s] + (beta[s] < TINY) * a
+                weighted[s] = beta[s] * scaled[b, t, u]
             if z == 0.0:
-                flagged[b] = True
+                error[b] = np.inf
                 break
-            scale = g / z
+            error[b] += TINY * exposed / z
+            inv_z = 1.0 / z
             for u in range(num_classes[b]):
-                grad[t, b, classes[b, u]] -= scale * occupancy[u]
-                occupancy[u] = 0.0
+                if write:
+                    occupancy[b, t, u] = per_class[u] * inv_z
+                per_class[u] = 0.0
             if t == 0:
                 break
             # beta_{t-1}(s) = sum over successors s' of beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
-            inv = 1.0 / norm
+            inv = 1.0 / beta_norm
             plo, phi = _band(t - 1, Tb, Sb)
             for s in range(plo, phi):
                 beta[s] = (weighted[s] + weighted[s + 1] + skip[b, s + 2] * weighted[s + 2]) * inv
-    return flagged
+    return error
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every, states, path_scores):
+    """Best path of each item (max-plus recursion over the trellis), exact, in float64.
+
+    Backpointers are packed 2 bits per state (0 skip, 1 advance, 2 stay). With
+    ``checkpoint_every = K < T`` only the scores at every K-th frame are kept on the forward
+    pass and each K-frame segment's backpointers are recomputed during the backtrace: memory
+    ``T/K * S`` floats plus ``K * S / 4`` bytes per item instead of ``T * S / 4`` bytes.
+
+    Ties: a state prefers the predecessor furthest back (skip, then advance, then stay); the
+    path ends in the final blank unless the last label scores strictly higher.
+
+    Args:
+        log_probs: ``(T, B, C)``; labels: ``(B, S)`` extended targets; skip: ``(B, S)`` bool;
+        num_states, input_lengths: ``(B,)``; checkpoint_every: int >= 1.
+        states: ``(B, T)`` int64 out, the state of each frame (untouched beyond the input length).
+        path_scores: ``(B,)`` float64 out, the best path's total log-score (-inf if none).
+    """
+    T, B, C = log_probs.shape
+    for b in numba.prange(B):
+        Sb = num_states[b]
+        Tb = input_lengths[b]
+        if Tb == 0:
+            path_scores[b] = 0.0 if Sb == 1 else -np.inf
+            continue
+        K = min(checkpoint_every, Tb)
+        segments = (Tb + K - 1) // K
+        checkpoints = np.empty((segments, Sb))  # scores at the last frame before each segment
+        packed = np.zeros((K, (Sb + 3) // 4), dtype=np.uint8)
+        delta = np.full(Sb, -np.inf)
+        nxt = np.empty(Sb)
+        # forward over the whole input, keeping only checkpoints (and the last segment's backpointers)
+        for t in range(Tb):
+            if t % K == 0:
+                checkpoints[t // K, :] = delta
+            _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, nxt, packed, t % K)
+            delta, nxt = nxt, delta
+        best = delta[Sb - 1]
+        state = Sb - 1
+        if Sb > 1 and delta[Sb - 2] > best:
+            best = delta[Sb - 2]
+            state = Sb - 2
+        path_scores[b] = best
+        if best == -np.inf:
+            continue
+        for seg in range(segments - 1, -1, -1):
+            start = seg * K
+            stop = min(start + K, Tb)
+            if seg != segments - 1:  # recompute this segment's backpointers from its checkpoint
+                delta[:] = checkpoints[seg, :]
+                for t in range(start, stop):
+                    _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, nxt, packed, t - start)
+                    delta, nxt = nxt, delta
+            for t in range(stop - 1, start - 1, -1):
+                states[b, t] = state
+                code = (packed[t - start, state >> 2] >> (2 * (state & 3))) & 3
+                state -= 2 - code
+
+
+@numba.njit(inline="always")
+def _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, out, packed, row):
+    for s in range(Sb):
+        if t == 0:
+            best = 0.0 if (s < 2) else -np.inf
+            code = 1 if s == 0 else 0  # enter state 0 by advancing, state 1 by skipping, from "before" the start
+        else:
+            best = -np.inf
+            code = 2
+            if s >= 2 and skip[b, s]:
+                best = delta[s - 2]
+                code = 0
+            if s >= 1 and delta[s - 1] > best:
+                best = delta[s - 1]
+                code = 1
+            if delta[s] > best:
+                best = delta[s]
+                code = 2
+        out[s] = best + log_probs[t, b, labels[b, s]]
+        shift = 2 * (s & 3)
+        packed[row, s >> 2] = (packed[row, s >> 2] & ~np.uint8(3 << shift)) | np.uint8(code << shift)

@@ -1,0 +1,345 @@
+r"""Batched Viterbi forced alignment over the CTC trellis, token and word spans, confidences.
+
+The best path is the trellis's max-plus recursion (the loss is its log-sum-exp recursion):
+:math:`\delta_t(s) = y_t(l'_s) + \max_{s' \in \{s-2, s-1, s\}} \delta_{t-1}(s')`. Backpointers are
+packed 2 bits per state. On CPU a numba kernel (:func:`ctclab._kernels.viterbi`, parallel over
+the batch, optional checkpointing for long inputs) runs it; elsewhere the pure-PyTorch version
+here, which is also the kernel's tested reference.
+
+Tie-break (deterministic, both implementations): when predecessors tie, the backtrace prefers
+the one furthest back in the state sequence (skip, then advance, then stay), so each state is
+entered as late as an optimal path allows; the path ends in the final blank unless the last
+label scores strictly higher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._inputs import Lengths, ctc_batch
+from .loss import compute_dtype
+from .trellis import NEG, CTCTrellis, Topology, state_posteriors
+
+#: Label of frames matched by the wildcard (``star``) in :func:`forced_align`'s output and in targets.
+STAR = -1
+
+
+class Alignment(tuple):
+    """``(labels, scores)`` — unpacks like a pair — with more on attributes.
+
+    Attributes:
+        labels: ``(B, T)`` int64, the label of every frame on the best path (blank included,
+            :data:`STAR` for wildcard frames); ``blank`` at and beyond an item's input length.
+        scores: ``(B, T)``, the log-prob of that label at that frame; 0 beyond the input length.
+        states: ``(B, T)`` int64, the trellis state of each frame (``2i + 1`` = i-th token,
+            even = blank before token ``i/2``); -1 beyond the input length.
+        path_score: ``(B,)`` total log-score of the best path (the sum of ``scores``).
+        aligned: ``(B,)`` bool; False for infeasible items skipped with ``skip_infeasible=True``
+            (their labels are all blank, scores 0, path_score -inf).
+    """
+
+    def __new__(cls, labels: Tensor, scores: Tensor, states: Tensor, path_score: Tensor, aligned: Tensor):
+        obj = super().__new__(cls, (labels, scores))
+        obj.states, obj.path_score, obj.aligned = states, path_score, aligned
+        return obj
+
+    @property
+    def labels(self) -> Tensor:
+        return self[0]
+
+    @property
+    def scores(self) -> Tensor:
+        return self[1]
+
+
+def _viterbi_torch(trellis: CTCTrellis, emissions: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch batched Viterbi: ``(T, B, S)`` emissions -> ``(B, T)`` states, ``(B,)`` scores."""
+    T, B, S = emissions.shape
+    device = emissions.device
+    width = (S + 3) // 4
+    packed = torch.zeros(T, B, width, dtype=torch.uint8, device=device)
+    shifts = (2 * torch.arange(4, device=device)).repeat(width)[:S]
+    delta = emissions[0] + trellis.initial_weights(emissions.dtype)
+    last = torch.where(trellis.input_lengths[:, None] == 1, delta, torch.full_like(delta, NEG))
+    weights = trellis.transition_weights(0, emissions.dtype)
+    for t in range(1, T):
+        if trellis.delay_penalty:
+            weights = trellis.transition_weights(t, emissions.dtype)
+        best, code = trellis.predecessors(delta, weights).max(0)  # first maximum: skip > advance > stay
+        codes = torch.nn.functional.pad(code.to(torch.uint8) << shifts.to(torch.uint8), (0, 4 * width - S))
+        packed[t] = codes.view(B, width, 4).sum(-1, dtype=torch.uint8)
+        delta = best + emissions[t]
+        last = torch.where(trellis.input_lengths[:, None] == t + 1, delta, last)
+    final = trellis.final_states()
+    end_scores = torch.where(final, last, NEG)
+    S_b = trellis.num_states
+    last_label = (S_b - 2).clamp(min=0)
+    score_blank = end_scores.gather(1, (S_b - 1)[:, None])[:, 0]
+    score_label = end_scores.gather(1, last_label[:, None])[:, 0]
+    use_label = (trellis.target_lengths > 0) & (score_label > score_blank)
+    state = torch.where(use_label, last_label, S_b - 1)
+    path_score = torch.where(use_label, score_label, score_blank)
+    states = torch.full((B, T), -1, dtype=torch.int64, device=device)
+    items = torch.arange(B, device=device)
+    for t in range(T - 1, -1, -1):
+        inside = t < trellis.input_lengths
+        states[:, t] = torch.where(inside, state, -1)
+        code = (packed[t, items, state.clamp(min=0) >> 2] >> (2 * (state.clamp(min=0) & 3)).to(torch.uint8)) & 3
+        state = torch.where(inside & (t > 0), state - (2 - code.long()), state)
+    return states, path_score
+
+
+def _viterbi_kernel(trellis: CTCTrellis, log_probs: Tensor, checkpoint_every: int | None) -> tuple[Tensor, Tensor]:
+    from . import _kernels
+
+    T, B, _ = log_probs.shape
+    states = torch.full((B, T), -1, dtype=torch.int64)
+    path_score = torch.empty(B, dtype=torch.float64)
+    _kernels.viterbi(
+        log_probs.detach().contiguous().numpy(), trellis.labels.numpy(), trellis.skip.numpy(),
+        trellis.num_states.numpy(), trellis.input_lengths.numpy(), int(checkpoint_every or max(T, 1)),
+        states.numpy(), path_score.numpy(),
+    )
+    return states, path_score
+
+
+def forced_align(
+    log_probs: Tensor,
+    targets: Tensor,
+    input_lengths: Lengths | None = None,
+    target_lengths: Lengths | None = None,
+    blank: int = 0,
+    *,
+    star: float | None = None,
+    skip_infeasible: bool = False,
+    checkpoint_every: int | None = None,
+    topology: Topology = "standard",
+    impl: str = "auto",
+) -> Alignment:
+    r"""Best alignment (Viterbi path) of each target to its frames, for a whole batch at once.
+
+    Args:
+        log_probs: ``(T, B, C)`` or ``(T, C)`` log-probs (time-major, like the loss).
+        targets: padded ``(B, S)`` or ``(S,)``; may contain :data:`STAR` (-1) where ``star`` is set.
+        input_lengths, target_lengths: ``(B,)``; None means full length.
+        blank: blank index.
+        star: wildcard penalty in nats per frame, or None for no wildcard. :data:`STAR` entries in
+            ``targets`` become a token that matches any stretch of audio (one frame at least)
+            with per-frame score ``max_k log_probs[t, k] - star``: audio the transcript lacks
+            (a missing start, end or middle) is absorbed there instead of being forced onto
+            the text. Like the MMS alignment recipe's appended ``<star>`` column, but scored
+            relative to the frame's best class so that real tokens win where they fit.
+        skip_infeasible: items whose target cannot fit (``T_b < L_b + repeats``) raise a
+            ``ValueError`` naming them by default; with True they are skipped (``aligned`` False).
+        checkpoint_every: keep only every K-th frame's scores and recompute backpointers per
+            segment (CPU kernel): bounded memory for long inputs at ~2x the time.
+        topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
+        impl: ``'auto'`` (numba kernel on CPU, PyTorch elsewhere), ``'kernel'`` or ``'torch'``.
+
+    Returns:
+        :class:`Alignment`: ``labels, scores = forced_align(...)``, both ``(B, T)`` (or ``(T,)``
+        unbatched), plus ``states``, ``path_score`` and ``aligned``.
+    """
+    if impl not in ("auto", "kernel", "torch"):
+        raise ValueError(f"impl must be 'auto', 'kernel' or 'torch', got {impl!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+    if star is not None and not (isinstance(star, (int, float)) and star == star):
+        raise TypeError(f"star must be a penalty in nats (a float) or None, got {star!r}")
+    if isinstance(log_probs, Tensor) and log_probs.is_floating_point() and log_probs.dim() in (2, 3) and star is not None:
+        log_probs, targets = _with_star_column(log_probs, targets, float(star), blank)
+    elif isinstance(targets, Tensor) and bool((targets == STAR).any()):
+        raise ValueError("targets contain STAR (-1) but star is None: pass star=<penalty> to use the wildcard")
+    batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
+    trellis = CTCTrellis.build(batch, topology)
+    feasible = trellis.feasible
+    if not bool(feasible.all()) and not skip_infeasible:
+        bad = torch.nonzero(~feasible)[:, 0].tolist()
+        raise ValueError(
+            f"items {bad} cannot be aligned: their input_lengths are shorter than target length plus repeats; "
+            "pass skip_infeasible=True to skip them"
+        )
+    lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
+    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu")
+    if use_kernel:
+        states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
+    else:
+        states, path_score = _viterbi_torch(trellis, trellis.emissions(lp))
+    states = states.to(lp.device)
+    path_score = path_score.to(lp.device, lp.dtype)
+    aligned = feasible & (path_score > NEG / 2)
+    states = torch.where(aligned[:, None], states, -1)
+    path_score = torch.where(aligned, path_score, -torch.inf)
+    inside = states >= 0
+    labels = torch.where(inside, trellis.labels.gather(1, states.clamp(min=0)), blank)
+    scores = torch.where(inside, lp.transpose(0, 1).gather(2, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    if star is not None:
+        labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
+    result = Alignment(labels, scores, states, path_score, aligned)
+    if batch.unbatched:
+        return Alignment(labels[0], scores[0], states[0], path_score[0], aligned[0])
+    return result
+
+
+def _with_star_column(log_probs: Tensor, targets, star: float, blank: int):
+    """Append the wildcard class (index C) scored ``max_k log_probs - star`` and map STAR to it."""
+    C = log_probs.shape[-1]
+    column = log_probs.detach().amax(-1, keepdim=True) - star
+    log_probs = torch.cat((log_probs.detach(), column), -1)
+    targets = torch.as_tensor(targets)
+    targets = torch.where(targets == STAR, C, targets)
+    return log_probs, targets
+
+
+def alignment_posteriors(
+    log_probs: Tensor,
+    targets: Tensor,
+    alignment: Alignment,
+    input_lengths: Lengths | None = None,
+    target_lengths: Lengths | None = None,
+    blank: int = 0,
+    star: float | None = None,
+    topology: Topology = "standard",
+) -> Tensor:
+    r"""``(B, T)`` posterior probability :math:`\gamma_t(s_t)` that frame t is occupied by the state
+    the alignment put it in (forward-backward over the same trellis as the loss; 0 beyond the
+    input length). Unlike emission scores, it accounts for every competing alignment of the
+    transcript: a token whose boundaries could shift at little cost gets low posterior at its
+    edges. Memory ``O(T * B * S)``."""
+    if star is not None:
+        log_probs, targets = _with_star_column(log_probs, targets, float(star), blank)
+    batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
+    trellis = CTCTrellis.build(batch, topology)
+    with torch.no_grad():
+        gamma = state_posteriors(trellis, trellis.emissions(batch.log_probs.to(compute_dtype(batch.log_probs.dtype))))
+    states = alignment.states if alignment.states.dim() == 2 else alignment.states[None]
+    post = gamma.permute(1, 0, 2).gather(2, states.clamp(min=0)[..., None])[..., 0]
+    post = torch.where(states >= 0, post, 0.0)
+    return post[0] if batch.unbatched else post
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """One token of an alignment: frames ``[start, end)``.
+
+    ``score``: mean per-frame emission probability ``exp(log_prob)`` of the token over its frames
+    (what torchaudio's ``merge_tokens`` reports). ``confidence``: mean posterior occupancy of the
+    token over its frames (:func:`alignment_posteriors`), None unless posteriors were given.
+    """
+
+    token: int
+    start: int
+    end: int
+    score: float
+    confidence: float | None = None
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class WordSpan:
+    """A group of consecutive tokens, frames ``[start, end)``; ``score`` and ``confidence`` are the
+    frame-weighted means of its tokens'."""
+
+    tokens: tuple[TokenSpan, ...]
+    start: int
+    end: int
+    score: float
+    confidence: float | None = None
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def _spans_of_item(states: Sequence[int], labels: Sequence[int], probs: Sequence[float], post: Sequence[float] | None, blank: int) -> list[TokenSpan]:
+    spans: list[TokenSpan] = []
+    t, T = 0, len(states)
+    while t < T:
+        s, label = states[t], labels[t]
+        end = t + 1
+        while end < T and states[end] == s:
+            end += 1
+        if s >= 0 and label != blank:
+            score = sum(probs[t:end]) / (end - t)
+            conf = None if post is None else sum(post[t:end]) / (end - t)
+            spans.append(TokenSpan(int(label), t, end, float(score), conf))
+        t = end
+    return spans
+
+
+def token_spans(
+    alignment: Alignment | tuple[Tensor, Tensor], blank: int = 0, posteriors: Tensor | None = None
+) -> list[list[TokenSpan]]:
+    """Per item, the list of :class:`TokenSpan` of an alignment (blanks dropped).
+
+    ``alignment``: the result of :func:`forced_align`, or a ``(labels, scores)`` pair of ``(B, T)``
+    (or ``(T,)``) tensors — then consecutive equal non-blank labels form one token (ambiguous only
+    for the modified topology, where the Alignment's ``states`` tell tokens apart).
+    ``posteriors``: optional ``(B, T)`` from :func:`alignment_posteriors` for ``confidence``.
+    """
+    labels, scores = alignment[0], alignment[1]
+    states = getattr(alignment, "states", None)
+    if labels.dim() == 1:
+        labels, scores = labels[None], scores[None]
+        states = None if states is None else states[None]
+        posteriors = None if posteriors is None else posteriors[None]
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels and scores must have the same shape, got {tuple(labels.shape)} and {tuple(scores.shape)}")
+    if states is None:
+        # a new state wherever the label changes; frames beyond the input were marked blank
+        change = torch.ones_like(labels, dtype=torch.bool)
+        change[:, 1:] = labels[:, 1:] != labels[:, :-1]
+        states = change.cumsum(1)
+    probs = scores.double().exp().tolist()
+    post = None if posteriors is None else posteriors.double().tolist()
+    return [
+        _spans_of_item(states[b].tolist(), labels[b].tolist(), probs[b], None if post is None else post[b], blank)
+        for b in range(labels.shape[0])
+    ]
+
+
+def word_spans(
+    spans: Sequence[TokenSpan], word_lengths: Sequence[int] | None = None, separator: int | None = None
+) -> list[WordSpan]:
+    """Group one item's token spans into words, either by ``word_lengths`` (tokens per word, as in
+    torchaudio's tutorial) or at ``separator`` tokens (e.g. the index of ``'|'`` or space; the
+    separators themselves are dropped)."""
+    if (word_lengths is None) == (separator is None):
+        raise ValueError("pass exactly one of word_lengths or separator")
+    groups: list[list[TokenSpan]] = []
+    if word_lengths is not None:
+        if sum(word_lengths) != len(spans) or any(n < 1 for n in word_lengths):
+            raise ValueError(f"word_lengths must be positive and sum to the {len(spans)} tokens, got {list(word_lengths)}")
+        i = 0
+        for n in word_lengths:
+            groups.append(list(spans[i : i + n]))
+            i += n
+    else:
+        current: list[TokenSpan] = []
+        for span in spans:
+            if span.token == separator:
+                if current:
+                    groups.append(current)
+                current = []
+            else:
+                current.append(span)
+        if current:
+            groups.append(current)
+    words = []
+    for group in groups:
+        frames = sum(len(s) for s in group)
+        score = sum(s.score * len(s) for s in group) / frames
+        conf = None if any(s.confidence is None for s in group) else sum(s.confidence * len(s) for s in group) / frames
+        words.append(WordSpan(tuple(group), group[0].start, group[-1].end, score, conf))
+    return words
+
+
+def frames_to_seconds(frames: int | float, frame_shift: float, offset: float = 0.0) -> float:
+    """Frame index -> seconds: ``offset + frames * frame_shift`` (e.g. 0.02 s for wav2vec2)."""
+    if frame_shift <= 0:
+        raise ValueError(f"frame_shift must be > 0 seconds, got {frame_shift}")
+    return offset + frames * frame_shift

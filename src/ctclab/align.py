@@ -21,10 +21,8 @@ from torch import Tensor
 
 from ._inputs import Lengths, ctc_batch
 from .loss import compute_dtype
-from .trellis import NEG, CTCTrellis, Topology, state_posteriors
-
-#: Label of frames matched by the wildcard (``star``) in :func:`forced_align`'s output and in targets.
-STAR = -1
+from .targets import state_occupation
+from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
 
 
 class Alignment(tuple):
@@ -49,6 +47,10 @@ class Alignment(tuple):
     @property
     def labels(self) -> Tensor:
         return self[0]
+
+    def item(self, b: int) -> "Alignment":
+        """Item ``b`` of a batched alignment, as an unbatched one."""
+        return Alignment(self.labels[b], self.scores[b], self.states[b], self.path_score[b], self.aligned[b])
 
     @property
     def scores(self) -> Tensor:
@@ -150,7 +152,7 @@ def forced_align(
     if star is not None and not (isinstance(star, (int, float)) and star == star):
         raise TypeError(f"star must be a penalty in nats (a float) or None, got {star!r}")
     if isinstance(log_probs, Tensor) and log_probs.is_floating_point() and log_probs.dim() in (2, 3) and star is not None:
-        log_probs, targets = _with_star_column(log_probs, targets, float(star), blank)
+        log_probs, targets = add_wildcard(log_probs, targets, float(star))
     elif isinstance(targets, Tensor) and bool((targets == STAR).any()):
         raise ValueError("targets contain STAR (-1) but star is None: pass star=<penalty> to use the wildcard")
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
@@ -184,16 +186,6 @@ def forced_align(
     return result
 
 
-def _with_star_column(log_probs: Tensor, targets, star: float, blank: int):
-    """Append the wildcard class (index C) scored ``max_k log_probs - star`` and map STAR to it."""
-    C = log_probs.shape[-1]
-    column = log_probs.detach().amax(-1, keepdim=True) - star
-    log_probs = torch.cat((log_probs.detach(), column), -1)
-    targets = torch.as_tensor(targets)
-    targets = torch.where(targets == STAR, C, targets)
-    return log_probs, targets
-
-
 def alignment_posteriors(
     log_probs: Tensor,
     targets: Tensor,
@@ -209,16 +201,13 @@ def alignment_posteriors(
     input length). Unlike emission scores, it accounts for every competing alignment of the
     transcript: a token whose boundaries could shift at little cost gets low posterior at its
     edges. Memory ``O(T * B * S)``."""
-    if star is not None:
-        log_probs, targets = _with_star_column(log_probs, targets, float(star), blank)
-    batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
-    trellis = CTCTrellis.build(batch, topology)
-    with torch.no_grad():
-        gamma = state_posteriors(trellis, trellis.emissions(batch.log_probs.to(compute_dtype(batch.log_probs.dtype))))
+    gamma = state_occupation(log_probs, targets, input_lengths, target_lengths, blank, topology, star)
+    if gamma.dim() == 2:
+        gamma = gamma[:, None]
     states = alignment.states if alignment.states.dim() == 2 else alignment.states[None]
     post = gamma.permute(1, 0, 2).gather(2, states.clamp(min=0)[..., None])[..., 0]
     post = torch.where(states >= 0, post, 0.0)
-    return post[0] if batch.unbatched else post
+    return post[0] if alignment.states.dim() == 1 else post
 
 
 @dataclass(frozen=True)

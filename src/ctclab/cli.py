@@ -34,6 +34,98 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_emissions(path: str):
+    """``.pt`` (a tensor) or ``.npy`` array of log-probs ``(T, C)`` or ``(T, B, C)``."""
+    import numpy as np
+    import torch
+
+    try:
+        if path.endswith(".npy"):
+            data = torch.from_numpy(np.load(path))
+        elif path.endswith(".pt"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"EMISSIONS must be a .pt or .npy file, got {path!r}")
+    except (OSError, ValueError, RuntimeError) as error:
+        if isinstance(error, ValueError) and "EMISSIONS" in str(error):
+            raise
+        raise ValueError(f"cannot read emissions from {path!r}: {error}") from None
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() not in (2, 3):
+        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
+        raise ValueError(f"EMISSIONS must hold float log-probs (T, C) or (T, B, C), got {shape}")
+    return data
+
+
+def _align(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import formats
+    from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
+    from .vocab import Vocabulary
+
+    vocab = Vocabulary.load(args.vocab)
+    emissions = load_emissions(args.emissions)
+    if emissions.shape[-1] != len(vocab):
+        raise ValueError(f"EMISSIONS have {emissions.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
+    if args.log_softmax:
+        emissions = emissions.log_softmax(-1)
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        try:
+            texts = [line for line in open(args.text_file, encoding="utf-8").read().splitlines() if line.strip()]
+        except OSError as error:
+            raise ValueError(f"cannot read --text-file {args.text_file!r}: {error.strerror}") from None
+    batch = emissions.unsqueeze(1) if emissions.dim() == 2 else emissions
+    if batch.shape[1] != len(texts):
+        raise ValueError(f"EMISSIONS hold {batch.shape[1]} utterances but {len(texts)} texts were given")
+    if not 0 <= args.blank < len(vocab):
+        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
+    encoded = [vocab.encode(text, args.case) for text in texts]
+    star = [STAR] if args.star is not None else []
+    rows = [star + ids + star for ids, _ in encoded]
+    width = max(len(r) for r in rows)
+    targets = torch.tensor([r + [1 if args.blank != 1 else 0] * (width - len(r)) for r in rows])
+    target_lengths = torch.tensor([len(r) for r in rows])
+    ali = forced_align(batch, targets, None, target_lengths, blank=args.blank, star=args.star)
+    posteriors = alignment_posteriors(batch, targets, ali, None, target_lengths, args.blank, star=args.star) if args.confidence else None
+    delimiter = vocab.index(vocab.delimiter) if vocab.delimiter is not None else None
+    outputs, documents = [], []
+    duration = batch.shape[0] * args.frame_shift
+    for b, spans in enumerate(token_spans(ali, blank=args.blank, posteriors=posteriors)):
+        utterance = args.utterance if len(texts) == 1 else f"{args.utterance}-{b + 1}"
+        text_spans = [s for s in spans if s.token != STAR]
+        words = word_spans(text_spans, separator=delimiter) if delimiter is not None else word_spans(text_spans, word_lengths=encoded[b][1])
+        if args.format == "json":
+            documents.append(formats.to_json(spans, words, vocab, args.frame_shift, utterance))
+        elif args.format == "ctm":
+            outputs.append(formats.to_ctm(words, vocab, args.frame_shift, utterance))
+        elif args.format == "textgrid":
+            outputs.append(formats.to_textgrid(words, spans, vocab, args.frame_shift, duration))
+        elif args.format == "srt":
+            outputs.append(formats.to_srt(words, vocab, args.frame_shift))
+        else:
+            outputs.append(formats.to_vtt(words, vocab, args.frame_shift))
+    if args.format == "json":
+        outputs = [formats.dumps_json(documents) + "\n"]
+    if args.format in ("textgrid", "srt", "vtt") and len(texts) > 1 and not args.out:
+        raise ValueError(f"--format {args.format} writes one utterance per file: align one utterance at a time")
+    text = "".join(outputs)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if args.plot:
+        from .plot import plot_alignment
+        from .targets import state_occupation
+
+        target = targets[0, : target_lengths[0]]
+        occupation = state_occupation(batch[:, 0], target, blank=args.blank, star=args.star)
+        plot_alignment(batch[:, 0], target, ali.item(0), vocab, args.blank, occupation, out=args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctclab", description="CTC loss, alignment and decoding on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write machine-readable results")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=_bench)
+
+    a = sub.add_parser("align", help="forced alignment of a transcript to emissions, with word timings")
+    a.add_argument("emissions", help="log-probs (T, C) or (T, B, C) as .pt or .npy")
+    text = a.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the transcript")
+    text.add_argument("--text-file", help="transcripts, one line per utterance of EMISSIONS")
+    a.add_argument("--vocab", required=True, help="one token per line (line k = class k), or a JSON {token: index}")
+    a.add_argument("--blank", type=int, default=0, help="class index of blank (default 0)")
+    a.add_argument("--frame-shift", type=float, default=0.02, help="seconds per frame (default 0.02)")
+    a.add_argument("--format", choices=["json", "ctm", "textgrid", "srt", "vtt"], default="json")
+    a.add_argument("--out", help="write there instead of standard output")
+    a.add_argument("--plot", metavar="PNG", help="draw the alignment picture (first utterance)")
+    a.add_argument("--star", type=float, metavar="PENALTY", help="wildcard at start and end: audio the text lacks is absorbed there")
+    a.add_argument("--case", choices=["keep", "upper", "lower"], default="keep", help="change the text's case before lookup")
+    a.add_argument("--confidence", action="store_true", help="add posterior-based confidences (forward-backward)")
+    a.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
+    a.add_argument("--utterance", default="utt", help="utterance id for CTM/JSON")
+    a.set_defaults(func=_align)
     return parser
 
 
@@ -57,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats must be >= 1")
-    return args.func(args)
+    if getattr(args, "frame_shift", 1.0) <= 0:
+        parser.error("--frame-shift must be > 0 seconds")
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"ctclab {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._inputs import Lengths, ctc_batch
 from .loss import compute_dtype
-from .trellis import CTCTrellis, Topology, state_posteriors
+from .trellis import CTCTrellis, Topology, add_wildcard, state_posteriors
 
 CTCLossFn = Callable[..., Tensor]
 
@@ -73,16 +73,22 @@ def alignment_targets(
 def state_occupation(
     log_probs: Tensor,
     targets: Tensor,
-    input_lengths: Lengths,
-    target_lengths: Lengths,
+    input_lengths: Lengths | None = None,
+    target_lengths: Lengths | None = None,
     blank: int = 0,
     topology: Topology = "standard",
+    star: float | None = None,
 ) -> Tensor:
-    r"""``(T, B, S)`` posterior occupation :math:`\gamma_t(s)` of each state of the blank-extended
-    target (state ``2i + 1`` is label ``i``, even states are blanks), ``S = 2 max(L) + 1``.
-    Frames beyond an item's input length, and impossible items, are 0."""
+    r"""``(T, B, S)`` (or ``(T, S)``) posterior occupation :math:`\gamma_t(s)` of each state of the
+    blank-extended target (state ``2i + 1`` is label ``i``, even states are blanks),
+    ``S = 2 max(L) + 1``. Frames beyond an item's input length, and impossible items, are 0.
+    ``star``: wildcard penalty when ``targets`` hold :data:`ctclab.trellis.STAR` entries
+    (see :func:`ctclab.trellis.add_wildcard`)."""
+    if star is not None:
+        log_probs, targets = add_wildcard(log_probs, targets, float(star))
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
     trellis = CTCTrellis.build(batch, topology)
     with torch.no_grad():
         emissions = trellis.emissions(batch.log_probs.to(compute_dtype(batch.log_probs.dtype)))
-        return state_posteriors(trellis, emissions)
+        gamma = state_posteriors(trellis, emissions)
+    return gamma[:, 0] if batch.unbatched else gamma

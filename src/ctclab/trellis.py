@@ -35,6 +35,9 @@ from ._inputs import CTCBatch
 #: any score ``x`` a path can reach.
 NEG = -1e30
 
+#: The wildcard token in targets (see :func:`add_wildcard`).
+STAR = -1
+
 Topology = Literal["standard", "modified"]
 TOPOLOGIES = ("standard", "modified")
 
@@ -288,3 +291,14 @@ def class_posteriors(trellis: CTCTrellis, state_occupation: Tensor, num_classes:
     T, B, S = state_occupation.shape
     out = torch.zeros(T, B, num_classes, dtype=state_occupation.dtype, device=state_occupation.device)
     return out.scatter_add_(2, trellis.labels.unsqueeze(0).expand(T, B, S), state_occupation)
+
+
+def add_wildcard(log_probs: Tensor, targets, penalty: float) -> tuple[Tensor, Tensor]:
+    """Append a wildcard class (index ``C``) whose score at each frame is that frame's best class
+    minus ``penalty`` nats, and map :data:`STAR` entries of ``targets`` to it: the wildcard token
+    matches any stretch of audio, at a cost, so audio a transcript lacks need not be forced onto
+    its text (the MMS alignment recipe's ``<star>``, scored relative to the frame)."""
+    C = log_probs.shape[-1]
+    column = log_probs.detach().amax(-1, keepdim=True) - penalty
+    targets = torch.as_tensor(targets)
+    return torch.cat((log_probs.detach(), column), -1), torch.where(targets == STAR, C, targets)

@@ -1,0 +1,101 @@
+"""The alignment picture: the Viterbi path over the emissions, and the alignment targets.
+
+Input steps (frames) run along x, output steps (states of the blank-extended target, blank
+labelled) along y. Needs matplotlib (``pip install ctclab[plot]``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .align import STAR, Alignment
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError("ctclab.plot needs matplotlib: pip install 'ctclab[plot]'") from error
+    return plt
+
+
+def plot_alignment(
+    log_probs: Tensor,
+    targets: Sequence[int] | Tensor,
+    alignment: Alignment,
+    vocab: Sequence[str] | None = None,
+    blank: int = 0,
+    state_posteriors: Tensor | None = None,
+    out: str | None = None,
+    title: str | None = None,
+):
+    """Draw one utterance's alignment.
+
+    Args:
+        log_probs: ``(T, C)`` log-probs of the utterance.
+        targets: its ``L`` target indices (may contain :data:`ctclab.align.STAR`).
+        alignment: its :func:`ctclab.forced_align` result (unbatched, ``states`` ``(T,)``).
+        vocab: index -> token string for the y labels (indices otherwise).
+        state_posteriors: optional ``(T, S)`` occupation of the ``S = 2L + 1`` states
+            (:func:`ctclab.targets.state_occupation`), drawn as a second panel.
+        out: write a PNG there when given.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    plt = _pyplot()
+    targets = [int(t) for t in (targets.tolist() if isinstance(targets, Tensor) else targets)]
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must be (T, C) for one utterance, got shape {tuple(log_probs.shape)}")
+    states = alignment.states
+    if states.dim() != 1:
+        raise ValueError("alignment must be one utterance's (unbatched) forced_align result")
+    T = log_probs.shape[0]
+    extended = [blank]
+    for t in targets:
+        extended += [t, blank]
+    S = len(extended)
+
+    def name(k: int) -> str:
+        if k == STAR:
+            return "<star>"
+        if k == blank:
+            return "\u2205"
+        return vocab[k] if vocab is not None else str(k)
+
+    columns = torch.tensor([k if k != STAR else blank for k in extended])
+    emissions = log_probs.detach().float().cpu()[:, columns].T  # (S, T)
+    if STAR in extended:
+        star_rows = torch.tensor([k == STAR for k in extended])
+        emissions[star_rows] = log_probs.detach().float().cpu().amax(1)
+    panels = 2 if state_posteriors is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(6.0, T / 12), max(3.0, S / 5) * panels), squeeze=False, sharex=True)
+    valid = states >= 0
+    frames = torch.arange(T)[valid.cpu()]
+    path = states.cpu()[valid.cpu()]
+    ax = axes[0, 0]
+    image = ax.imshow(emissions.clamp(min=-20).numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
+    ax.plot(frames.numpy(), path.numpy(), color="red", linewidth=1.5, marker=".", markersize=3, label="Viterbi path")
+    ax.set_ylabel("output step (extended target)")
+    ax.set_yticks(range(S), [name(k) for k in extended], fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(title or "Viterbi path over the emissions (log-prob)")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    if state_posteriors is not None:
+        ax2 = axes[1, 0]
+        image2 = ax2.imshow(state_posteriors.detach().float().cpu()[:, :S].T.numpy(), aspect="auto", origin="lower",
+                            cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+        ax2.set_ylabel("output step (extended target)")
+        ax2.set_yticks(range(S), [name(k) for k in extended], fontsize=7)
+        ax2.set_title("alignment targets (posterior state occupation)")
+        fig.colorbar(image2, ax=ax2, fraction=0.03)
+    axes[-1, 0].set_xlabel("input step (frame)")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=110)
+    return fig

@@ -164,10 +164,12 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
 def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every, states, path_scores):
     """Best path of each item (max-plus recursion over the trellis), exact, in float64.
 
-    Backpointers are packed 2 bits per state (0 skip, 1 advance, 2 stay). With
-    ``checkpoint_every = K < T`` only the scores at every K-th frame are kept on the forward
-    pass and each K-frame segment's backpointers are recomputed during the backtrace: memory
-    ``T/K * S`` floats plus ``K * S / 4`` bytes per item instead of ``T * S / 4`` bytes.
+    Backpointers are packed 2 bits per state (0 skip, 1 advance, 2 stay), one byte per 4
+    states. With ``checkpoint_every = K < T`` only the scores at every K-th frame are kept on
+    the forward pass and each K-frame segment's backpointers are recomputed during the
+    backtrace: memory ``T/K * S`` floats plus ``K * S / 4`` bytes per item instead of
+    ``T * S / 4`` bytes. Only states that are reachable and can still reach the end are
+    computed (others never lie on a complete path).
 
     Ties: a state prefers the predecessor furthest back (skip, then advance, then stay); the
     path ends in the final blank unless the last label scores strictly higher.
@@ -187,20 +189,24 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
             continue
         K = min(checkpoint_every, Tb)
         segments = (Tb + K - 1) // K
-        checkpoints = np.empty((segments, Sb))  # scores at the last frame before each segment
-        packed = np.zeros((K, (Sb + 3) // 4), dtype=np.uint8)
-        delta = np.full(Sb, -np.inf)
-        nxt = np.empty(Sb)
-        # forward over the whole input, keeping only checkpoints (and the last segment's backpointers)
+        groups = (Sb + 3) // 4
+        skip_weight = np.full(4 * groups + 2, -np.inf)  # offset 2, like the score buffers
+        for s in range(2, Sb):
+            if skip[b, s]:
+                skip_weight[s + 2] = 0.0
+        checkpoints = np.empty((segments, 4 * groups + 2))  # scores before each segment
+        packed = np.zeros((K, groups), dtype=np.uint8)
+        delta = np.full(4 * groups + 2, -np.inf)  # two leading -inf stand for states -2, -1
+        nxt = np.full(4 * groups + 2, -np.inf)
         for t in range(Tb):
             if t % K == 0:
                 checkpoints[t // K, :] = delta
-            _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, nxt, packed, t % K)
+            _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, nxt, packed[t % K])
             delta, nxt = nxt, delta
-        best = delta[Sb - 1]
+        best = delta[Sb + 1]
         state = Sb - 1
-        if Sb > 1 and delta[Sb - 2] > best:
-            best = delta[Sb - 2]
+        if Sb > 1 and delta[Sb] > best:
+            best = delta[Sb]
             state = Sb - 2
         path_scores[b] = best
         if best == -np.inf:
@@ -211,7 +217,7 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
             if seg != segments - 1:  # recompute this segment's backpointers from its checkpoint
                 delta[:] = checkpoints[seg, :]
                 for t in range(start, stop):
-                    _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, nxt, packed, t - start)
+                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, nxt, packed[t - start])
                     delta, nxt = nxt, delta
             for t in range(stop - 1, start - 1, -1):
                 states[b, t] = state
@@ -220,23 +226,29 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
 
 
 @numba.njit(inline="always")
-def _viterbi_step(log_probs, labels, skip, b, t, Sb, delta, out, packed, row):
-    for s in range(Sb):
-        if t == 0:
-            best = 0.0 if (s < 2) else -np.inf
-            code = 1 if s == 0 else 0  # enter state 0 by advancing, state 1 by skipping, from "before" the start
-        else:
-            best = -np.inf
-            code = 2
-            if s >= 2 and skip[b, s]:
-                best = delta[s - 2]
+def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, out, packed_row):
+    """One frame of the max-plus recursion over the states of the band, 4 states per byte."""
+    lo, hi = _band(t, Tb, Sb)
+    for g in range(lo >> 2, (hi + 3) >> 2):
+        byte = 0
+        for j in range(4):
+            s = 4 * g + j
+            if t == 0:
+                best = 0.0 if s < 2 else -np.inf
+                code = 1 if s == 0 else 0  # "before" the start: advance into 0, skip into 1
+            else:
+                skp = delta[s] + skip_weight[s + 2]
+                adv = delta[s + 1]
+                stay = delta[s + 2]
+                best = skp
                 code = 0
-            if s >= 1 and delta[s - 1] > best:
-                best = delta[s - 1]
-                code = 1
-            if delta[s] > best:
-                best = delta[s]
-                code = 2
-        out[s] = best + log_probs[t, b, labels[b, s]]
-        shift = 2 * (s & 3)
-        packed[row, s >> 2] = (packed[row, s >> 2] & ~np.uint8(3 << shift)) | np.uint8(code << shift)
+                if adv > best:
+                    best = adv
+                    code = 1
+                if stay > best:
+                    best = stay
+                    code = 2
+            label = labels[b, s] if s < Sb else labels[b, 0]
+            out[s + 2] = best + log_probs[t, b, label] if s < Sb else -np.inf
+            byte |= code << (2 * j)
+        packed_row[g] = byte

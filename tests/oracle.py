@@ -83,3 +83,27 @@ def brute_force_topology_nll(log_probs, target, blank=0, topology="standard") ->
         return math.inf
     m = max(scores)
     return -(m + math.log(sum(math.exp(s - m) for s in scores)))
+
+
+def brute_force_weighted_paths(log_probs, target, blank=0, topology="standard", entry_weight=None):
+    """(nll, path entropy) over the topology's state paths, each path scored by its emissions
+    plus ``entry_weight(t)`` for every entry into a label state at frame t (t = 0 included)."""
+    T = log_probs.shape[0]
+    seqs, ext = state_paths(T, target, topology)
+    lp = log_probs.double().tolist()
+    scores = []
+    for seq in seqs:
+        score = sum(lp[t][blank if ext[s] is None else ext[s]] for t, s in enumerate(seq))
+        if entry_weight is not None:
+            for t, s in enumerate(seq):
+                entered = t == 0 or seq[t - 1] != s
+                if entered and ext[s] is not None:
+                    score += entry_weight(t)
+        scores.append(score)
+    if not scores:
+        return math.inf, 0.0
+    m = max(scores)
+    z = sum(math.exp(s - m) for s in scores)
+    probs = [math.exp(s - m) / z for s in scores]
+    entropy = -sum(p * math.log(p) for p in probs if p > 0)
+    return -(m + math.log(z)), entropy

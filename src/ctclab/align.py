@@ -119,6 +119,7 @@ def forced_align(
     skip_infeasible: bool = False,
     checkpoint_every: int | None = None,
     topology: Topology = "standard",
+    delay_penalty: float = 0.0,
     impl: str = "auto",
 ) -> Alignment:
     r"""Best alignment (Viterbi path) of each target to its frames, for a whole batch at once.
@@ -139,7 +140,9 @@ def forced_align(
         checkpoint_every: keep only every K-th frame's scores and recompute backpointers per
             segment (CPU kernel): bounded memory for long inputs at ~2x the time.
         topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
-        impl: ``'auto'`` (numba kernel on CPU, PyTorch elsewhere), ``'kernel'`` or ``'torch'``.
+        delay_penalty: as for :func:`ctclab.ctc_loss` (PyTorch implementation).
+        impl: ``'auto'`` (numba kernel on CPU without delay penalty, PyTorch otherwise), ``'kernel'``
+            or ``'torch'``.
 
     Returns:
         :class:`Alignment`: ``labels, scores = forced_align(...)``, both ``(B, T)`` (or ``(T,)``
@@ -156,7 +159,7 @@ def forced_align(
     elif isinstance(targets, Tensor) and bool((targets == STAR).any()):
         raise ValueError("targets contain STAR (-1) but star is None: pass star=<penalty> to use the wildcard")
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
-    trellis = CTCTrellis.build(batch, topology)
+    trellis = CTCTrellis.build(batch, topology, delay_penalty)
     feasible = trellis.feasible
     if not bool(feasible.all()) and not skip_infeasible:
         bad = torch.nonzero(~feasible)[:, 0].tolist()
@@ -165,7 +168,9 @@ def forced_align(
             "pass skip_infeasible=True to skip them"
         )
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
-    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu")
+    if impl == "kernel" and delay_penalty:
+        raise ValueError("the Viterbi kernel has no delay penalty: use impl='torch' or 'auto'")
+    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu" and not delay_penalty)
     if use_kernel:
         states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
     else:

@@ -75,6 +75,9 @@ def ctc_loss(
     reduction: Reduction = "mean",
     zero_infinity: bool = False,
     impl: Impl = "auto",
+    *,
+    topology: Topology = "standard",
+    delay_penalty: float = 0.0,
 ) -> Tensor:
     r"""Connectionist Temporal Classification loss (Graves et al. 2006).
 
@@ -97,6 +100,11 @@ def ctc_loss(
         impl: ``'fused'`` (explicit forward-backward, fastest, first derivatives only),
             ``'autograd'`` (recursion differentiated by autograd: pass it for higher-order
             gradients and for research on modified recursions) or ``'auto'`` (= ``'fused'``).
+        topology: ``'standard'`` (Graves) or ``'modified'`` (k2's modified CTC topology, Laptev
+            et al. 2022: the skip over a blank is allowed between equal labels too).
+        delay_penalty: ``lam`` >= 0 of the delay penalty (k2 / icefall): every transition into a
+            label state at frame t is weighted by ``exp(-lam * (t - T_b / 2))``, favouring early
+            emissions; self-loops are unchanged. 0 is plain CTC.
 
     Returns:
         The loss, a scalar or ``(B,)`` for ``reduction='none'`` (a scalar for unbatched input),
@@ -124,7 +132,7 @@ def ctc_loss(
     """
     check_options(reduction, impl)
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
-    losses = negative_log_likelihood(batch, impl)
+    losses = negative_log_likelihood(batch, impl, topology, delay_penalty)
     loss = reduce_losses(losses, batch.target_lengths, reduction, zero_infinity)
     if batch.unbatched and reduction == "none":
         loss = loss.squeeze(0)
@@ -134,17 +142,23 @@ def ctc_loss(
 class CTCLoss(nn.Module):
     """``nn.Module`` form of :func:`ctc_loss`; ``forward(log_probs, targets, input_lengths, target_lengths)``."""
 
-    def __init__(self, blank: int = 0, reduction: Reduction = "mean", zero_infinity: bool = False, impl: Impl = "auto"):
+    def __init__(
+        self, blank: int = 0, reduction: Reduction = "mean", zero_infinity: bool = False, impl: Impl = "auto",
+        *, topology: Topology = "standard", delay_penalty: float = 0.0,
+    ):
         super().__init__()
         check_options(reduction, impl)
         self.blank = blank
         self.reduction = reduction
         self.zero_infinity = zero_infinity
         self.impl = impl
+        self.topology = topology
+        self.delay_penalty = delay_penalty
 
     def forward(self, log_probs: Tensor, targets: Tensor, input_lengths: Lengths, target_lengths: Lengths) -> Tensor:
         return ctc_loss(
-            log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction, self.zero_infinity, self.impl
+            log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction, self.zero_infinity, self.impl,
+            topology=self.topology, delay_penalty=self.delay_penalty,
         )
 
     def extra_repr(self) -> str:

@@ -9,6 +9,9 @@ the pure-PyTorch log-space recursion of :mod:`ctclab.trellis`, which is also the
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 from torch import Tensor
 
@@ -36,6 +39,21 @@ def _log_space_grad(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
 _MAX_UNDERFLOW_ERROR = 1e-13
 
 
+_scratch = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...]) -> Tensor:
+    """A float64 scratch tensor of ``shape``, reused across calls of the same thread: the kernels'
+    forward and backward variables live only during one forward, and fresh pages for tens of MB
+    each call cost as much as a third of the kernels' time (page faults)."""
+    numel = math.prod(shape)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float64)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel].view(shape)
+
+
 class _KernelState:
     """The CPU kernels' forward-backward of a batch.
 
@@ -58,8 +76,8 @@ class _KernelState:
         skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
         T = self.lp.shape[0]
-        scaled = torch.empty(B, T, max(U, 1), dtype=torch.float64)
-        alpha = torch.empty(B, T, S, dtype=torch.float64)
+        scaled = _workspace("scaled", (B, T, max(U, 1)))
+        alpha = _workspace("alpha", (B, T, S))
         common = (classes.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy())
         lengths = (trellis.num_states.numpy(), trellis.input_lengths.numpy())
         loglik, dropped = _kernels.forward(self.lp.numpy(), *common, *lengths, scaled.numpy(), alpha.numpy())

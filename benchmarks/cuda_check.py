@@ -48,7 +48,8 @@ def main():
             ok = loss.dtype == half and x.grad.dtype == half and torch.isfinite(x.grad).all() and torch.allclose(loss.float(), ref, rtol=2e-2, atol=2e-2)
             check(f"cuda {half} {impl}", bool(ok))
     x = logits.double().log_softmax(-1).requires_grad_(True)
-    ok = torch.autograd.gradgradcheck(lambda z: ctclab.ctc_loss(z, targets, il, tl, impl="autograd"), (x,))
+    # gather's backward adds atomically on CUDA: sums are reproducible only up to rounding
+    ok = torch.autograd.gradgradcheck(lambda z: ctclab.ctc_loss(z, targets, il, tl, impl="autograd"), (x,), nondet_tol=1e-10)
     check("cuda gradgradcheck autograd", ok)
     lp = logits.log_softmax(-1)
     on_gpu = ctclab.forced_align(lp, targets, il, tl)

@@ -57,23 +57,29 @@ class Alignment(tuple):
         return self[1]
 
 
-def _viterbi_torch(trellis: CTCTrellis, emissions: Tensor) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch batched Viterbi: ``(T, B, S)`` emissions -> ``(B, T)`` states, ``(B,)`` scores."""
-    T, B, S = emissions.shape
-    device = emissions.device
+def _viterbi_torch(trellis: CTCTrellis, log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch batched Viterbi in float64: ``(T, B, C)`` log-probs -> ``(B, T)`` states,
+    ``(B,)`` path scores. Memory: the packed backpointers, ``T * B * S / 4`` bytes."""
+    T, B, _ = log_probs.shape
+    S = trellis.labels.shape[1]
+    device = log_probs.device
     width = (S + 3) // 4
     packed = torch.zeros(T, B, width, dtype=torch.uint8, device=device)
     shifts = (2 * torch.arange(4, device=device)).repeat(width)[:S]
-    delta = emissions[0] + trellis.initial_weights(emissions.dtype)
+
+    def emission(t: int) -> Tensor:  # per frame: a (T, B, S) table would cost 32 bits per state
+        return log_probs[t].gather(1, trellis.labels).double().clamp(min=NEG)
+
+    delta = emission(0) + trellis.initial_weights(torch.float64)
     last = torch.where(trellis.input_lengths[:, None] == 1, delta, torch.full_like(delta, NEG))
-    weights = trellis.transition_weights(0, emissions.dtype)
+    weights = trellis.transition_weights(0, torch.float64)
     for t in range(1, T):
         if trellis.delay_penalty:
-            weights = trellis.transition_weights(t, emissions.dtype)
+            weights = trellis.transition_weights(t, torch.float64)
         best, code = trellis.predecessors(delta, weights).max(0)  # first maximum: skip > advance > stay
         codes = torch.nn.functional.pad(code.to(torch.uint8) << shifts.to(torch.uint8), (0, 4 * width - S))
         packed[t] = codes.view(B, width, 4).sum(-1, dtype=torch.uint8)
-        delta = best + emissions[t]
+        delta = best + emission(t)
         last = torch.where(trellis.input_lengths[:, None] == t + 1, delta, last)
     final = trellis.final_states()
     end_scores = torch.where(final, last, NEG)
@@ -174,7 +180,7 @@ def forced_align(
     if use_kernel:
         states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
     else:
-        states, path_score = _viterbi_torch(trellis, trellis.emissions(lp))
+        states, path_score = _viterbi_torch(trellis, lp)
     states = states.to(lp.device)
     path_score = path_score.to(lp.device, lp.dtype)
     aligned = feasible & (path_score > NEG / 2)

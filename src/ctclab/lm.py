@@ -1,0 +1,115 @@
+"""Word n-gram language models for decoding: an ARPA reader with back-off, scored in Python,
+and the small interface any LM implements (begin a sentence, score a word, end it)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+LN10 = math.log(10.0)
+
+State = tuple[str, ...]
+
+
+class LanguageModel(Protocol):
+    """What :class:`ctclab.BeamSearchDecoder` asks of a word LM. Scores are natural logs."""
+
+    def begin(self) -> State:
+        """The state at the start of a sentence."""
+
+    def score(self, state: State, word: str) -> tuple[float, State]:
+        """``log P(word | state)`` and the state after the word."""
+
+    def end(self, state: State) -> float:
+        """``log P(</s> | state)``."""
+
+
+class NGramLM:
+    """An ARPA back-off n-gram model: ``P(w | h) = p(h, w)`` if the n-gram is listed, otherwise
+    ``b(h) * P(w | h[1:])`` (Katz back-off as written in ARPA files). Log10 in the file, natural
+    logs out. Unknown words score as ``<unk>`` when the model has it, else ``unk_logp``."""
+
+    def __init__(self, probs: dict[State, float], backoffs: dict[State, float], order: int, unk_logp: float = -10.0 * LN10):
+        self.probs = probs
+        self.backoffs = backoffs
+        self.order = order
+        self.unk_logp = unk_logp
+        self.vocabulary = {gram[0] for gram in probs if len(gram) == 1}
+
+    @classmethod
+    def from_arpa(cls, path: str | Path, unk_logp: float = -10.0 * LN10) -> "NGramLM":
+        probs: dict[State, float] = {}
+        backoffs: dict[State, float] = {}
+        order, section = 0, None
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ValueError(f"cannot read ARPA file {str(path)!r}: {error.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("ngram ") or line == "\\data\\":
+                if line.startswith("ngram "):
+                    order = max(order, int(line.split()[1].split("=")[0]))
+                continue
+            if line == "\\end\\":
+                break
+            if line.startswith("\\") and line.endswith("-grams:"):
+                section = int(line[1:].split("-")[0])
+                continue
+            if section is None:
+                continue
+            fields = line.split()
+            if len(fields) not in (section + 1, section + 2):
+                raise ValueError(f"{path}:{number}: expected log10 prob, {section} words and an optional back-off")
+            gram = tuple(fields[1 : section + 1])
+            probs[gram] = float(fields[0]) * LN10
+            if len(fields) == section + 2:
+                backoffs[gram] = float(fields[-1]) * LN10
+        if not probs:
+            raise ValueError(f"{path}: no n-grams found (is it an ARPA file?)")
+        return cls(probs, backoffs, order or max(len(g) for g in probs), unk_logp)
+
+    def begin(self) -> State:
+        return ("<s>",)
+
+    def _logp(self, context: State, word: str) -> float:
+        gram = context + (word,)
+        if gram in self.probs:
+            return self.probs[gram]
+        if not context:
+            return self.probs.get(("<unk>",), self.unk_logp)
+        return self.backoffs.get(context, 0.0) + self._logp(context[1:], word)
+
+    def score(self, state: State, word: str) -> tuple[float, State]:
+        context = state[-(self.order - 1) :] if self.order > 1 else ()
+        logp = self._logp(context, word)
+        new = (context + (word,))[-(self.order - 1) :] if self.order > 1 else ()
+        while new and new not in self.probs:  # keep only the context the model can use
+            new = new[1:]
+        return logp, new
+
+    def end(self, state: State) -> float:
+        return self.score(state, "</s>")[0]
+
+
+class KenLM:
+    """:class:`LanguageModel` over the ``kenlm`` package (``pip install kenlm``), for large models."""
+
+    def __init__(self, path: str | Path):
+        import kenlm
+
+        self.model = kenlm.Model(str(path))
+        self._kenlm = kenlm
+
+    def begin(self):
+        state = self._kenlm.State()
+        self.model.BeginSentenceWrite(state)
+        return state
+
+    def score(self, state, word: str):
+        out = self._kenlm.State()
+        return self.model.BaseScore(state, word, out) * LN10, out
+
+    def end(self, state) -> float:
+        out = self._kenlm.State()
+        return self.model.BaseScore(state, "</s>", out) * LN10

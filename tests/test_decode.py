@@ -1,0 +1,146 @@
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import random_batch
+from oracle import brute_force_nll, collapse
+
+from ctclab import ctc_loss
+from ctclab.decode import BeamSearchDecoder, greedy_decode
+from ctclab.lm import LN10, NGramLM
+
+ARPA = """\\data\\
+ngram 1=5
+ngram 2=3
+
+\\1-grams:
+-1.0 <s> -0.5
+-0.5 ab -0.3
+-0.7 ba -0.2
+-0.9 cab -0.1
+-1.2 </s>
+
+\\2-grams:
+-0.2 <s> ab
+-0.1 ab </s>
+-0.05 ab cab
+
+\\end\\
+"""
+
+
+@pytest.fixture
+def lm(tmp_path):
+    path = tmp_path / "lm.arpa"
+    path.write_text(ARPA)
+    return NGramLM.from_arpa(path)
+
+
+def test_greedy_is_argmax_collapse_batched():
+    logits, _, il, _ = random_batch(40, 5, 4, 3, seed=1)
+    spans = greedy_decode(logits, il)
+    for b in range(5):
+        best = logits[: il[b], b].argmax(-1).tolist()
+        assert [s.token for s in spans[b]] == collapse(best)
+        for s in spans[b]:
+            assert all(k == s.token for k in best[s.start : s.end])
+            assert s.start == 0 or best[s.start - 1] != s.token
+            assert s.end == len(best) or best[s.end] != s.token
+        assert spans[b] == greedy_decode(logits[: il[b], b])[0]
+
+
+def test_prefix_beam_search_without_lm_finds_the_most_probable_labelling():
+    C, T = 3, 5
+    for seed in range(4):
+        lp = torch.randn(T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
+        labellings = {tuple(collapse(p)) for p in itertools.product(range(C), repeat=T)}
+        scored = sorted(((-brute_force_nll(lp, list(l)), l) for l in labellings), reverse=True)
+        decoder = BeamSearchDecoder(["<b>", "x", "y"], beam_width=1000, token_min_logp=-math.inf, beam_prune_logp=-math.inf)
+        hyps = decoder.decode(lp, nbest=3)[0]
+        assert hyps[0].tokens == scored[0][1]
+        assert hyps[0].acoustic_score == pytest.approx(scored[0][0], abs=1e-10)
+        assert [h.acoustic_score for h in hyps] == pytest.approx([s for s, _ in scored[:3]], abs=1e-10)
+        loss = ctc_loss(lp, torch.tensor(hyps[0].tokens), torch.tensor(T), torch.tensor(len(hyps[0].tokens)), reduction="sum")
+        assert hyps[0].acoustic_score == pytest.approx(-loss.item(), abs=1e-10)
+
+
+def test_batched_equals_per_item_and_float32_agrees_with_float64():
+    logits, _, il, _ = random_batch(30, 4, 5, 3, seed=2, dtype=torch.float64)
+    lp = logits.log_softmax(-1)
+    decoder = BeamSearchDecoder(["<b>", "|", "a", "b", "c"], beam_width=8)
+    batched = decoder.decode(lp, il)
+    for b in range(4):
+        assert decoder.decode(lp[: il[b], b])[0][0] == batched[b][0]
+    single = decoder.decode(lp.float(), il)
+    assert [h[0].tokens for h in single] == [h[0].tokens for h in batched]
+
+
+def test_arpa_scores_match_hand_computed_back_off(lm):
+    state = lm.begin()
+    logp, state = lm.score(state, "ab")
+    assert logp == pytest.approx(-0.2 * LN10)
+    assert lm.end(state) == pytest.approx(-0.1 * LN10)
+    logp, _ = lm.score(lm.begin(), "ba")  # unseen bigram: back-off(<s>) + P(ba)
+    assert logp == pytest.approx((-0.5 - 0.7) * LN10)
+    logp, state = lm.score(("ab",), "cab")
+    assert logp == pytest.approx(-0.05 * LN10)
+    assert lm.end(("ba",)) == pytest.approx((-0.2 - 1.2) * LN10)
+    assert lm.score(("ab",), "zzz")[0] == pytest.approx((-0.3 - 10.0) * LN10)
+
+
+def emissions_for(frames, C, sharp=4.0):
+    """Log-probs where each frame carries a distribution over classes given as {class: weight}."""
+    lp = torch.full((len(frames), C), -sharp * 2)
+    for t, dist in enumerate(frames):
+        for k, w in dist.items():
+            lp[t, k] = math.log(w)
+    return lp.log_softmax(-1)
+
+
+VOCAB = ["<b>", "|", "a", "b", "c"]
+
+
+def test_lm_changes_the_result_when_acoustics_are_ambiguous(lm):
+    # acoustics slightly prefer "ba", the LM strongly prefers "ab"
+    frames = [{2: 0.45, 3: 0.55}, {0: 0.9}, {3: 0.45, 2: 0.55}, {0: 0.9}]
+    lp = emissions_for(frames, 5)
+    plain = BeamSearchDecoder(VOCAB, beam_width=16).decode(lp)[0][0]
+    fused = BeamSearchDecoder(VOCAB, beam_width=16, lm=lm, alpha=1.0, beta=0.0).decode(lp)[0][0]
+    assert plain.text == "ba" and fused.text == "ab"
+    assert fused.lm_score == pytest.approx(-0.2 * LN10 - 0.1 * LN10)
+    assert fused.words[0].word == "ab" and fused.words[0].start == 0 and fused.words[0].end == 3
+
+
+def test_hotwords_change_the_result():
+    frames = [{2: 0.45, 3: 0.55}, {0: 0.9}, {3: 0.45, 2: 0.55}, {0: 0.9}]
+    lp = emissions_for(frames, 5)
+    assert BeamSearchDecoder(VOCAB).decode(lp)[0][0].text == "ba"
+    hot = BeamSearchDecoder(VOCAB, hotwords=["ab"], hotword_weight=2.0).decode(lp)[0][0]
+    assert hot.text == "ab" and hot.lm_score == pytest.approx(4.0)
+
+
+def test_word_timings_and_bpe_vocabulary():
+    vocab = ["<b>", "\u2581ab", "c", "\u2581b"]
+    frames = [{1: 0.9}, {1: 0.9}, {2: 0.9}, {0: 0.9}, {3: 0.9}, {0: 0.9}]
+    hyp = BeamSearchDecoder(vocab).decode(emissions_for(frames, 4))[0][0]
+    assert hyp.text == "abc b"
+    assert [(w.word, w.start, w.end) for w in hyp.words] == [("abc", 0, 3), ("b", 4, 5)]
+    char = BeamSearchDecoder(VOCAB).decode(emissions_for([{2: 0.9}, {1: 0.9}, {4: 0.9}, {4: 0.9}], 5))[0][0]
+    assert [(w.word, w.start, w.end) for w in char.words] == [("a", 0, 1), ("c", 2, 4)]
+
+
+def test_decoder_rejects_bad_input():
+    decoder = BeamSearchDecoder(VOCAB)
+    with pytest.raises(ValueError, match="classes"):
+        decoder.decode(torch.zeros(4, 1, 6))
+    with pytest.raises(TypeError, match="floating"):
+        decoder.decode(torch.zeros(4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="nbest"):
+        decoder.decode(torch.zeros(4, 5), nbest=0)
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchDecoder(VOCAB, beam_width=0)
+    with pytest.raises(ValueError, match="word_delimiter"):
+        BeamSearchDecoder(VOCAB, word_delimiter="#")
+    with pytest.raises(ValueError, match="blank"):
+        greedy_decode(torch.zeros(3, 2, 4), blank=4)

@@ -27,9 +27,9 @@ class LanguageModel(Protocol):
 class NGramLM:
     """An ARPA back-off n-gram model: ``P(w | h) = p(h, w)`` if the n-gram is listed, otherwise
     ``b(h) * P(w | h[1:])`` (Katz back-off as written in ARPA files). Log10 in the file, natural
-    logs out. Unknown words score as ``<unk>`` when the model has it, else ``unk_logp``."""
+    logs out. Unknown words score as ``<unk>`` when the model has it, else ``unk_logp`` (-100 in log10, as kenlm substitutes)."""
 
-    def __init__(self, probs: dict[State, float], backoffs: dict[State, float], order: int, unk_logp: float = -10.0 * LN10):
+    def __init__(self, probs: dict[State, float], backoffs: dict[State, float], order: int, unk_logp: float = -100.0 * LN10):
         self.probs = probs
         self.backoffs = backoffs
         self.order = order
@@ -37,7 +37,7 @@ class NGramLM:
         self.vocabulary = {gram[0] for gram in probs if len(gram) == 1}
 
     @classmethod
-    def from_arpa(cls, path: str | Path, unk_logp: float = -10.0 * LN10) -> "NGramLM":
+    def from_arpa(cls, path: str | Path, unk_logp: float = -100.0 * LN10) -> "NGramLM":
         probs: dict[State, float] = {}
         backoffs: dict[State, float] = {}
         order, section = 0, None

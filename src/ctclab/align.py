@@ -192,9 +192,7 @@ def forced_align(
     if star is not None:
         labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
     result = Alignment(labels, scores, states, path_score, aligned)
-    if batch.unbatched:
-        return Alignment(labels[0], scores[0], states[0], path_score[0], aligned[0])
-    return result
+    return result.item(0) if batch.unbatched else result
 
 
 def alignment_posteriors(

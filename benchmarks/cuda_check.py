@@ -1,7 +1,6 @@
 """CUDA checks of the pure-PyTorch paths (the numba kernels are CPU-only): parity with the
 built-in on the GPU, half precision, forced alignment against the CPU kernel, alignment targets.
 Exits non-zero on the first failed check. Usage: python benchmarks/cuda_check.py"""
-import functools
 import sys
 import time
 

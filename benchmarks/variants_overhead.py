@@ -6,7 +6,6 @@ import argparse
 import statistics
 import time
 
-import torch
 
 import ctclab
 from ctclab.bench import make_inputs

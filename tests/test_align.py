@@ -1,4 +1,3 @@
-import itertools
 
 import pytest
 import torch
@@ -7,7 +6,6 @@ from oracle import alignments, collapse
 
 from ctclab.align import (
     STAR,
-    TokenSpan,
     alignment_posteriors,
     forced_align,
     frames_to_seconds,

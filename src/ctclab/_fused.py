@@ -15,17 +15,20 @@ import threading
 import torch
 from torch import Tensor
 
-from .trellis import CTCTrellis, class_posteriors, is_impossible, log_alpha, log_likelihood, state_posteriors
+from .trellis import (
+    CTCTrellis,
+    class_posteriors,
+    is_impossible,
+    log_alpha,
+    log_likelihood,
+    negative_log_likelihood,
+    state_posteriors,
+)
 
 DOUBLE_BACKWARD_ERROR = (
     "impl='fused' computes first derivatives only; pass impl='autograd' to ctclab.ctc_loss for "
     "double backward, Hessian-vector products or create_graph=True"
 )
-
-
-def _log_space_nll(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
-    ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs)))
-    return torch.where(is_impossible(ll), torch.inf, -ll)
 
 
 def _log_space_grad(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
@@ -93,7 +96,7 @@ class _KernelState:
         self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
-            nll[self.redo] = _log_space_nll(trellis.select(self.redo), log_probs[:, self.redo])
+            nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])
         self.nll = nll
         self.trellis = trellis
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ._inputs import CTCBatch, Lengths, ctc_batch
-from .trellis import CTCTrellis, Topology, is_impossible, log_alpha, log_likelihood
+from .trellis import CTCTrellis, Topology
+from .trellis import negative_log_likelihood as trellis_nll
 
 Reduction = Literal["none", "mean", "sum"]
 Impl = Literal["auto", "autograd", "fused"]
@@ -35,11 +36,6 @@ def check_options(reduction: str, impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _nll_autograd(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
-    ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs)))
-    return torch.where(is_impossible(ll), torch.inf, -ll)
-
-
 def negative_log_likelihood(
     batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
 ) -> Tensor:
@@ -48,7 +44,7 @@ def negative_log_likelihood(
     log_probs = batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
     trellis = CTCTrellis.build(batch, topology, delay_penalty)
     if impl == "autograd":
-        return _nll_autograd(trellis, log_probs)
+        return trellis_nll(trellis, log_probs)
     from ._fused import fused_nll
 
     return fused_nll(trellis, log_probs)

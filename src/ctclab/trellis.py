@@ -287,6 +287,13 @@ def is_impossible(log_likelihoods: Tensor) -> Tensor:
     return log_likelihoods < NEG / 2
 
 
+def negative_log_likelihood(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
+    """``(B,)`` CTC loss of ``(T, B, C)`` log-scores by the log-space forward recursion,
+    differentiable by autograd; ``inf`` for items without any path."""
+    ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs)))
+    return torch.where(is_impossible(ll), torch.inf, -ll)
+
+
 def state_posteriors(trellis: CTCTrellis, emissions: Tensor, log_alphas: Tensor | None = None) -> Tensor:
     r"""``(T, B, S)`` posterior occupation :math:`\gamma_t(s) = \alpha_t(s)\beta_t(s) / p(l|x)` of
     each state at each frame (Graves et al. 2006, eq. 14). Each frame of a possible item sums

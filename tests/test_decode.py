@@ -144,3 +144,23 @@ def test_decoder_rejects_bad_input():
         BeamSearchDecoder(VOCAB, word_delimiter="#")
     with pytest.raises(ValueError, match="blank"):
         greedy_decode(torch.zeros(3, 2, 4), blank=4)
+
+
+def test_decode_cli_text_and_json(tmp_path, capsys, lm):
+    import json as _json
+
+    from ctclab.cli import main
+
+    frames = [{2: 0.45, 3: 0.55}, {0: 0.9}, {3: 0.45, 2: 0.55}, {0: 0.9}]
+    torch.save(emissions_for(frames, 5), tmp_path / "em.pt")
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (tmp_path / "lm.arpa").write_text(ARPA)
+    base = ["decode", str(tmp_path / "em.pt"), "--vocab", str(tmp_path / "vocab.txt")]
+    assert main(base) == 0 and capsys.readouterr().out.strip() == "ba"
+    assert main(base + ["--lm", str(tmp_path / "lm.arpa"), "--alpha", "1", "--beta", "0"]) == 0
+    assert capsys.readouterr().out.strip() == "ab"
+    assert main(base + ["--hotword", "ab", "--hotword-weight", "2", "--format", "json", "--nbest", "2"]) == 0
+    doc = _json.loads(capsys.readouterr().out)
+    assert doc[0]["text"] == "ab" and len(doc) == 2 and doc[0]["words"][0]["word"] == "ab"
+    assert main(base + ["--lm", str(tmp_path / "missing.arpa")]) == 2
+    assert "cannot read LM" in capsys.readouterr().err

@@ -126,6 +126,39 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode(args: argparse.Namespace) -> int:
+    import json
+
+    from .decode import BeamSearchDecoder
+    from .lm import load_lm
+    from .vocab import Vocabulary
+
+    vocab = Vocabulary.load(args.vocab)
+    emissions = load_emissions(args.emissions)
+    if emissions.shape[-1] != len(vocab):
+        raise ValueError(f"EMISSIONS have {emissions.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
+    if args.log_softmax:
+        emissions = emissions.log_softmax(-1)
+    if args.beam < 1 or args.nbest < 1:
+        raise ValueError("--beam and --nbest must be >= 1")
+    if not 0 <= args.blank < len(vocab):
+        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
+    lm = load_lm(args.lm) if args.lm else None
+    decoder = BeamSearchDecoder(vocab, blank=args.blank, beam_width=args.beam, lm=lm, alpha=args.alpha, beta=args.beta,
+                                hotwords=args.hotword, hotword_weight=args.hotword_weight)
+    results = decoder.decode(emissions, nbest=args.nbest)
+    if args.format == "text":
+        for hyps in results:
+            print("\n".join(h.text for h in hyps))
+    else:
+        doc = [[{"text": h.text, "tokens": list(h.tokens), "acoustic_score": h.acoustic_score, "lm_score": h.lm_score,
+                 "score": h.score, "words": [{"word": w.word, "start_frame": w.start, "end_frame": w.end,
+                                              "start": w.start * args.frame_shift, "end": w.end * args.frame_shift}
+                                             for w in h.words]} for h in hyps] for hyps in results]
+        print(json.dumps(doc[0] if len(doc) == 1 else doc, indent=2, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctclab", description="CTC loss, alignment and decoding on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
     a.add_argument("--utterance", default="utt", help="utterance id for CTM/JSON")
     a.set_defaults(func=_align)
+
+    d = sub.add_parser("decode", help="prefix beam search decoding with an optional word n-gram LM")
+    d.add_argument("emissions", help="log-probs (T, C) or (T, B, C) as .pt or .npy")
+    d.add_argument("--vocab", required=True, help="one token per line (line k = class k), or a JSON {token: index}")
+    d.add_argument("--lm", help="ARPA word n-gram LM (kenlm is used when installed, else ctclab's reader)")
+    d.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    d.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    d.add_argument("--beam", type=int, default=100)
+    d.add_argument("--hotword", action="append", help="a word to favour (repeatable)")
+    d.add_argument("--hotword-weight", type=float, default=10.0)
+    d.add_argument("--nbest", type=int, default=1)
+    d.add_argument("--blank", type=int, default=0)
+    d.add_argument("--frame-shift", type=float, default=0.02, help="seconds per frame, for JSON word times")
+    d.add_argument("--format", choices=["text", "json"], default="text")
+    d.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
+    d.set_defaults(func=_decode)
     return parser
 
 

@@ -113,3 +113,19 @@ class KenLM:
     def end(self, state) -> float:
         out = self._kenlm.State()
         return self.model.BaseScore(state, "</s>", out) * LN10
+
+
+def load_lm(path: str | Path, backend: str = "auto"):
+    """An ARPA (or, with kenlm, binary) LM: ``backend='kenlm'`` needs the kenlm package,
+    ``'python'`` uses :class:`NGramLM`, ``'auto'`` prefers kenlm when it is installed."""
+    if backend not in ("auto", "kenlm", "python"):
+        raise ValueError(f"backend must be 'auto', 'kenlm' or 'python', got {backend!r}")
+    if not Path(path).exists():
+        raise ValueError(f"cannot read LM file {str(path)!r}: no such file")
+    if backend != "python":
+        try:
+            return KenLM(path)
+        except ImportError:
+            if backend == "kenlm":
+                raise ValueError("backend='kenlm' needs the kenlm package: pip install kenlm") from None
+    return NGramLM.from_arpa(path)

@@ -1,0 +1,1 @@
+"""Worked examples that use ctclab end to end (``python -m ctclab.examples.ocr --help``)."""

@@ -1,0 +1,54 @@
+"""``python -m ctclab.examples.ocr train|eval|compare``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .train import LOSSES, compare, evaluate, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctclab.examples.ocr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a CRNN on rendered text lines")
+    t.add_argument("--loss", choices=LOSSES, default="fused")
+    t.add_argument("--variant", help="label_smoothing=EPS or focal=GAMMA")
+    t.add_argument("--minutes", type=float, default=5.0, help="training wall time budget")
+    t.add_argument("--steps", type=int, help="stop after this many steps instead")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-lines", type=int, default=20000)
+    t.add_argument("--eval-every", type=float, default=20.0, help="seconds of training between validations")
+    t.add_argument("--out", default="runs/ocr")
+    t.add_argument("--eval-lines", type=int, default=1000, help="held-out lines for the final report")
+    e = sub.add_parser("eval", help="CER (greedy, beam) and alignment error of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--lines", type=int, default=1000)
+    e.add_argument("--beam", type=int, default=16)
+    c = sub.add_parser("compare", help="plot the learning curves of several runs")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="curves.png")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train(args.loss, args.variant, args.minutes, args.steps, args.batch_size, args.lr, args.seed,
+                  args.train_lines, eval_every=args.eval_every, out=args.out)
+            report = evaluate(f"{args.out}/model.pt", args.eval_lines)
+            with open(f"{args.out}/report.json", "w") as f:
+                json.dump(report, f, indent=2)
+            print(json.dumps(report, indent=2))
+        elif args.command == "eval":
+            print(json.dumps(evaluate(args.checkpoint, args.lines, beam=args.beam), indent=2))
+        else:
+            compare(args.runs, args.out)
+            print(f"wrote {args.out}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

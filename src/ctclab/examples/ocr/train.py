@@ -147,8 +147,9 @@ def load_model(checkpoint: str | Path) -> CRNN:
 
 @torch.no_grad()
 def alignment_errors(model, lines, batch_size: int = 64) -> dict:
-    """Frame errors of character starts and ends against the true extents, for the Viterbi path
-    and for posterior-based boundaries (frames where the character's state has posterior >= 0.5)."""
+    """Frame errors (predicted - true) of character starts and ends against the true extents, for
+    the Viterbi path and for posterior-based boundaries (frames where the character's state has
+    posterior >= 0.5)."""
     viterbi, posterior = {"start": [], "end": []}, {"start": [], "end": []}
     for i in range(0, len(lines), batch_size):
         chunk = lines[i : i + batch_size]
@@ -162,18 +163,20 @@ def alignment_errors(model, lines, batch_size: int = 64) -> dict:
                 continue
             truth = line.frame_extents()
             for k, ((t0, t1), span) in enumerate(zip(truth, spans[b])):
-                viterbi["start"].append(abs(span.start - t0))
-                viterbi["end"].append(abs(span.end - t1))
+                viterbi["start"].append(span.start - t0)
+                viterbi["end"].append(span.end - t1)
                 occ = gamma[: il[b], b, 2 * k + 1]
                 frames = torch.nonzero(occ >= 0.5)[:, 0]
                 if len(frames) == 0:
                     frames = occ.argmax().reshape(1)
-                posterior["start"].append(abs(int(frames[0]) - t0))
-                posterior["end"].append(abs(int(frames[-1]) + 1 - t1))
+                posterior["start"].append(int(frames[0]) - t0)
+                posterior["end"].append(int(frames[-1]) + 1 - t1)
 
-    def summary(values):
-        values = sorted(values)
-        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "n": len(values)}
+    def summary(signed):
+        """Absolute error: median and 90th percentile; signed mean (negative = early)."""
+        values = sorted(abs(v) for v in signed)
+        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))],
+                "mean_signed": statistics.fmean(signed), "n": len(values)}
 
     return {name: {side: summary(v) for side, v in d.items()} for name, d in (("viterbi", viterbi), ("posterior", posterior))}
 

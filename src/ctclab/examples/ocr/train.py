@@ -37,10 +37,11 @@ def make_criterion(loss: str, variant: tuple[str, float] | None):
     if loss not in LOSSES:
         raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
     ctc = F.ctc_loss if loss == "builtin" else (lambda *a, **k: ctclab.ctc_loss(*a, impl=loss, **k))
+    plain = torch.nn.CTCLoss(zero_infinity=True) if loss == "builtin" else ctclab.CTCLoss(zero_infinity=True, impl=loss)
 
     def criterion(log_probs, targets, il, tl):
         if variant is None:
-            return ctc(log_probs, targets, il, tl, zero_infinity=True)
+            return plain(log_probs, targets, il, tl)
         name, value = variant
         if name == "focal":
             if loss == "builtin":

@@ -58,6 +58,8 @@ def main():
     q = ctclab.alignment_targets(lp, targets, il, tl)
     q_builtin = ctclab.alignment_targets(lp, targets, il, tl, ctc_loss=F.ctc_loss)
     check("cuda alignment_targets match the built-in's", torch.allclose(q, q_builtin, atol=1e-4), f"{float((q - q_builtin).abs().max()):.1e}")
+    if "--quick" in sys.argv:
+        return
     # long alignment on the GPU (packed backpointers on the device)
     lp_long = torch.randn(30000, 1, 32, device=dev).log_softmax(-1)
     tg_long = torch.randint(1, 32, (1, 8000), device=dev)

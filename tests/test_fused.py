@@ -5,6 +5,7 @@ from conftest import random_batch
 
 from ctclab._fused import fused_nll
 from ctclab._inputs import ctc_batch
+import ctclab
 from ctclab.loss import ctc_loss
 from ctclab.trellis import CTCTrellis
 
@@ -51,3 +52,30 @@ def test_auto_is_fused():
     assert torch.equal(loss, ctc_loss(x.log_softmax(-1), targets, il, tl, impl="fused"))
     with pytest.raises(RuntimeError, match="impl='autograd'"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_builtin_with_corrected_gradient_is_the_true_gradient(scale):
+    """The CUDA route (built-in kernel, gradient corrected) checked with the CPU built-in:
+    equal to the autograd path for unnormalised scores, -inf entries and infeasible items."""
+    from ctclab._fused import builtin_cuda_nll
+
+    logits, targets, il, tl = random_batch(20, 4, 5, 6, seed=9, dtype=torch.float64)
+    scores = logits * scale  # unnormalised
+    scores[:, :, 4] = -torch.inf
+    targets = targets.clamp(max=3)
+    il = il.clone()
+    il[2] = 3  # infeasible
+    tl = tl.clone()
+    tl[2] = 6
+    batch = ctclab._inputs.ctc_batch(scores, targets, il, tl, 0)
+    x = scores.clone().requires_grad_(True)
+    weights = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
+    nll = builtin_cuda_nll(x, batch.targets, batch.input_lengths, batch.target_lengths, 0)
+    (got,) = torch.autograd.grad((torch.nan_to_num(nll, posinf=0.0) * weights).sum(), x)
+    z = scores.clone().requires_grad_(True)
+    ref = ctc_loss(z, targets, il, tl, reduction="none", impl="autograd")
+    (expected,) = torch.autograd.grad((torch.nan_to_num(ref, posinf=0.0) * weights).sum(), z)
+    torch.testing.assert_close(nll, ref.detach())
+    torch.testing.assert_close(got, expected)
+    assert torch.isfinite(got).all()

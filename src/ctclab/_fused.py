@@ -161,3 +161,43 @@ def fused_nll(trellis: CTCTrellis, log_probs: Tensor, use_kernels: bool | None =
     if use_kernels is None:
         use_kernels = _use_kernels(trellis, log_probs)
     return _FusedCTC.apply(log_probs, trellis, use_kernels)
+
+
+class _CudaBuiltinCTC(torch.autograd.Function):
+    """On CUDA, the built-in kernel (cuDNN or ATen's) with its gradient made the true one.
+
+    For per-item losses with upstream gradient ``g_b`` the built-in returns
+    ``g_b * (exp(log_probs) - gamma)`` (its alpha and beta are those of the scores as given; only
+    the ``exp`` term assumes normalised inputs), so the true gradient ``-g_b * gamma`` is that
+    minus ``g_b * exp(log_probs)`` on each item's frames. Entries at ``-inf`` get 0 (their
+    posterior), items without a path get 0.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
+        import torch.nn.functional as F
+
+        with torch.enable_grad():
+            x = log_probs.detach().requires_grad_(True)
+            nll = F.ctc_loss(x, targets, input_lengths, target_lengths, blank, reduction="none", zero_infinity=False)
+        ctx.save_for_backward(x, nll, input_lengths)
+        return nll.detach()
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        x, nll, input_lengths = ctx.saved_tensors
+        finite = torch.isfinite(nll.detach())
+        g = torch.where(finite, torch.nan_to_num(grad_nll, posinf=0.0, neginf=0.0), 0.0)
+        (builtin,) = torch.autograd.grad(nll, x, g)
+        T = x.shape[0]
+        inside = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
+        true = builtin - g[None, :, None] * x.detach().exp()
+        keep = inside & finite[None, :, None] & torch.isfinite(x)
+        return torch.where(keep, true, 0.0), None, None, None, None
+
+
+def builtin_cuda_nll(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
+    """``(B,)`` NLL by the built-in CUDA kernel with the true gradient (see :class:`_CudaBuiltinCTC`)."""
+    return _CudaBuiltinCTC.apply(log_probs, targets, input_lengths, target_lengths, blank)

@@ -7,13 +7,14 @@ variables are renormalised to sum to 1 at every frame, and the posteriors come o
 per frame. Only states on the band that can both be reached from the start and still reach the
 end are visited; the others have zero posterior.
 
-Exactness guard: a forward or backward variable below :data:`TINY` (in its frame's scale) may
-have lost mass to underflow, at most ``TINY`` of it. Such a loss at frame ``t`` in state ``s``
-changes the likelihood and every posterior by at most ``TINY * beta_t(s) / z_t`` relative
-(``TINY * alpha_t(s) / z_t`` for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``:
-the lost mass's whole future is in ``beta_t(s)``. :func:`posteriors` adds these bounds up;
-the caller recomputes items whose bound is not negligible in log space (:mod:`ctclab.trellis`),
-so results are those of the log-space recursion, however extreme the scores.
+Exactness guard: a stored forward or backward variable loses at most :data:`TINY` (absolute,
+in its frame's scale) to underflow. A loss at frame ``t`` in state ``s`` changes the likelihood
+and every posterior by at most ``TINY * beta_t(s) / z_t`` relative (``TINY * alpha_t(s) / z_t``
+for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``: the lost mass's whole
+future is in ``beta_t(s)``. :func:`posteriors` adds ``TINY * (sum alpha_t + sum beta_t) / z_t``
+over the frames; the caller recomputes items whose bound is not negligible in log space
+(:mod:`ctclab.trellis`), so results are those of the log-space recursion, however extreme
+the scores.
 
 The state graph (labels, skip transitions) comes from :class:`ctclab.trellis.CTCTrellis`;
 these kernels only run its recursion.
@@ -135,7 +136,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
             z = 0.0
             blank_mass = 0.0
             beta_norm = 0.0
-            exposed = 0.0  # sum of the partner variable over states that may have underflowed
+            alpha_norm = 0.0
             for s in range(lo, hi):
                 u = state_class[b, s]
                 a = alpha[b, t, s]
@@ -145,13 +146,14 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
                 else:  # blank: a register, not a store-to-load chain through per_class[blank]
                     blank_mass += ab
                 z += ab
+                alpha_norm += a
                 beta_norm += beta[s]
-                exposed += (a < TINY) * beta[s] + (beta[s] < TINY) * a
                 weighted[s] = beta[s] * scaled[b, t, u]
             if z == 0.0:
                 error[b] = np.inf
                 break
-            error[b] += TINY * exposed / z
+            # every stored variable may have lost up to TINY (absolute, in its frame's scale)
+            error[b] += TINY * (alpha_norm + beta_norm) / z
             inv_z = 1.0 / z
             per_class[state_class[b, 0]] = blank_mass
             for u in range(num_classes[b]):

@@ -56,19 +56,26 @@ def load_emissions(path: str):
     return data
 
 
-def _align(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import formats
-    from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
+def _vocab_and_emissions(args: argparse.Namespace):
+    """The vocabulary and the log-probs of ``align`` and ``decode``, checked against each other."""
     from .vocab import Vocabulary
 
     vocab = Vocabulary.load(args.vocab)
     emissions = load_emissions(args.emissions)
     if emissions.shape[-1] != len(vocab):
         raise ValueError(f"EMISSIONS have {emissions.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
-    if args.log_softmax:
-        emissions = emissions.log_softmax(-1)
+    if not 0 <= args.blank < len(vocab):
+        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
+    return vocab, emissions.log_softmax(-1) if args.log_softmax else emissions
+
+
+def _align(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import formats
+    from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
+
+    vocab, emissions = _vocab_and_emissions(args)
     if args.text is not None:
         texts = [args.text]
     else:
@@ -79,8 +86,6 @@ def _align(args: argparse.Namespace) -> int:
     batch = emissions.unsqueeze(1) if emissions.dim() == 2 else emissions
     if batch.shape[1] != len(texts):
         raise ValueError(f"EMISSIONS hold {batch.shape[1]} utterances but {len(texts)} texts were given")
-    if not 0 <= args.blank < len(vocab):
-        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
     encoded = [vocab.encode(text, args.case) for text in texts]
     star = [STAR] if args.star is not None else []
     rows = [star + ids + star for ids, _ in encoded]
@@ -131,18 +136,10 @@ def _decode(args: argparse.Namespace) -> int:
 
     from .decode import BeamSearchDecoder
     from .lm import load_lm
-    from .vocab import Vocabulary
 
-    vocab = Vocabulary.load(args.vocab)
-    emissions = load_emissions(args.emissions)
-    if emissions.shape[-1] != len(vocab):
-        raise ValueError(f"EMISSIONS have {emissions.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
-    if args.log_softmax:
-        emissions = emissions.log_softmax(-1)
+    vocab, emissions = _vocab_and_emissions(args)
     if args.beam < 1 or args.nbest < 1:
         raise ValueError("--beam and --nbest must be >= 1")
-    if not 0 <= args.blank < len(vocab):
-        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
     lm = load_lm(args.lm) if args.lm else None
     decoder = BeamSearchDecoder(vocab, blank=args.blank, beam_width=args.beam, lm=lm, alpha=args.alpha, beta=args.beta,
                                 hotwords=args.hotword, hotword_weight=args.hotword_weight)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 import sys

@@ -7,6 +7,7 @@ Python loop, over items.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -95,18 +96,16 @@ class Hypothesis:
     score: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Beam:
-    blank: float = -math.inf  # log P(prefix, path ends in blank)
-    label: float = -math.inf  # log P(prefix, path ends in its last token)
+    """What a prefix's words give: fixed once the prefix exists."""
+
     lm_score: float = 0.0  # completed words: alpha * log P + beta each, hotword bonuses
     lm_state: object = None
     words: tuple = ()  # completed words
-    word_tokens: tuple = ()  # tokens of the word being spelled
+    word: str = ""  # the word being spelled
+    word_length: int = 0  # its number of tokens
 
-    @property
-    def acoustic(self) -> float:
-        return _logaddexp(self.blank, self.label)
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -142,7 +141,8 @@ class BeamSearchDecoder:
         beam_prune_logp: prefixes this far below the best are dropped (``-inf``: none).
         unk_offset: cost of a partial word that no LM word starts with.
 
-    Ties are broken by the token sequence, so results are deterministic.
+    Ties are broken by the order in which prefixes first appear (then by token sequence among
+    the final hypotheses), so results are deterministic.
     """
 
     def __init__(
@@ -163,6 +163,8 @@ class BeamSearchDecoder:
         self.hotword_prefixes = {w[:i] for w in self.hotwords for i in range(1, len(w) + 1)}
         self.hotword_weight = hotword_weight
         self.bpe = any(t.startswith(BPE_MARKER) for t in self.vocab)
+        self._texts = [t.replace(BPE_MARKER, "") for t in self.vocab]
+        self._word_starts = [self.bpe and t.startswith(BPE_MARKER) for t in self.vocab]
         if word_delimiter is None and not self.bpe:
             word_delimiter = next((d for d in ("|", " ") if d in self.vocab), None)
         if word_delimiter is not None and word_delimiter not in self.vocab:
@@ -182,90 +184,99 @@ class BeamSearchDecoder:
         return self.bpe and self.vocab[token].startswith(BPE_MARKER)
 
     def _partial_score(self, beam: _Beam) -> float:
-        if not beam.word_tokens:
+        if not beam.word_length:
             return 0.0
-        partial = self._spell(beam.word_tokens)
         score = 0.0
-        if self.lm_prefixes is not None and partial not in self.lm_prefixes:
+        if self.lm_prefixes is not None and beam.word not in self.lm_prefixes:
             score += self.unk_offset
-        if partial in self.hotword_prefixes:
-            score += self.hotword_weight * len(beam.word_tokens)
+        if beam.word in self.hotword_prefixes:
+            score += self.hotword_weight * beam.word_length
         return score
 
     def _complete_word(self, beam: _Beam) -> tuple:
         """(lm_score, lm_state, words) after the word being spelled completes."""
-        if not beam.word_tokens:
+        if not beam.word_length:
             return beam.lm_score, beam.lm_state, beam.words
-        word = self._spell(beam.word_tokens)
         score, state = beam.lm_score, beam.lm_state
         if self.lm is not None:
-            logp, state = self.lm.score(state, word)
+            logp, state = self.lm.score(state, beam.word)
             score += self.alpha * logp + self.beta
-        if word in self.hotwords:
-            score += self.hotword_weight * len(beam.word_tokens)
-        return score, state, beam.words + (word,)
+        if beam.word in self.hotwords:
+            score += self.hotword_weight * beam.word_length
+        return score, state, beam.words + (beam.word,)
 
     def _extend(self, parent: _Beam, token: int) -> _Beam:
         """A new prefix: ``parent`` + ``token``."""
-        child = _Beam(lm_score=parent.lm_score, lm_state=parent.lm_state, words=parent.words,
-                      word_tokens=parent.word_tokens + (token,))
-        if token == self.delimiter or (self._starts_word(token) and parent.word_tokens):
-            child.lm_score, child.lm_state, child.words = self._complete_word(parent)
-            child.word_tokens = () if token == self.delimiter else (token,)
-        return child
+        text = self._texts[token]
+        if token == self.delimiter or (self._word_starts[token] and parent.word_length):
+            score, state, words = self._complete_word(parent)
+            if token == self.delimiter:
+                return _Beam(score, state, words)
+            return _Beam(score, state, words, text, 1)
+        return _Beam(parent.lm_score, parent.lm_state, parent.words, parent.word + text, parent.word_length + 1)
 
     # -- search -------------------------------------------------------------------------------
     def _decode_one(self, lp, nbest: int) -> list[Hypothesis]:
-        T = len(lp)
-        root = _Beam(blank=0.0, lm_state=self.lm.begin() if self.lm is not None else None)
-        beams: dict[tuple, _Beam] = {(): root}
-        for t in range(T):
-            row = lp[t]
-            candidates = [k for k in range(len(row)) if row[k] >= self.token_min_logp and k != self.blank]
+        # Prefixes are interned as integer ids (a trie): a dict keyed by (parent id, token)
+        # instead of whole token tuples, which Python would rehash at every lookup. What depends
+        # only on the prefix (LM state and score, partial-word score) is computed once, there.
+        root = _Beam(lm_state=self.lm.begin() if self.lm is not None else None)
+        prefixes = [root]  # id -> _Beam holding the prefix's static information
+        parents, last_tokens = [-1], [-1]
+        static = [0.0]  # lm_score + partial-word score, per id
+        children: dict[tuple[int, int], int] = {}
+
+        def child(pid: int, token: int) -> int:
+            key = (pid, token)
+            cid = children.get(key)
+            if cid is None:
+                beam = self._extend(prefixes[pid], token)
+                cid = len(prefixes)
+                children[key] = cid
+                prefixes.append(beam)
+                parents.append(pid)
+                last_tokens.append(token)
+                static.append(beam.lm_score + self._partial_score(beam))
+            return cid
+
+        beams: dict[int, list[float]] = {0: [0.0, -math.inf]}  # id -> [log p ends in blank, log p ends in label]
+        blank, logaddexp, width, prune = self.blank, _logaddexp, self.beam_width, self.beam_prune_logp
+        for row in lp:
+            candidates = [k for k, y in enumerate(row) if y >= self.token_min_logp and k != blank]
             if not candidates:
-                candidates = [int(max((k for k in range(len(row)) if k != self.blank), key=lambda k: row[k]))]
-            y_blank = row[self.blank]
-            nxt: dict[tuple, _Beam] = {}
-
-            def slot(prefix: tuple, parent: _Beam, token: int | None) -> _Beam:
-                beam = nxt.get(prefix)
-                if beam is None:
-                    old = beams.get(prefix)
-                    if token is None or old is not None:
-                        source = old if old is not None else parent
-                        beam = _Beam(lm_score=source.lm_score, lm_state=source.lm_state, words=source.words,
-                                     word_tokens=source.word_tokens)
-                    else:
-                        beam = self._extend(parent, token)
-                    nxt[prefix] = beam
-                return beam
-
-            for prefix, beam in beams.items():
-                total = beam.acoustic
-                stay = slot(prefix, beam, None)
-                stay.blank = _logaddexp(stay.blank, total + y_blank)
-                last = prefix[-1] if prefix else None
+                candidates = [max((k for k in range(len(row)) if k != blank), key=row.__getitem__)]
+            y_blank = row[blank]
+            nxt: dict[int, list[float]] = {}
+            for pid, (p_blank, p_label) in beams.items():
+                total = logaddexp(p_blank, p_label)
+                stay = nxt.setdefault(pid, [-math.inf, -math.inf])
+                stay[0] = logaddexp(stay[0], total + y_blank)
+                last = last_tokens[pid]
                 for k in candidates:
                     y = row[k]
+                    grown = nxt.setdefault(child(pid, k), [-math.inf, -math.inf])
                     if k == last:
-                        stay.label = _logaddexp(stay.label, beam.label + y)  # repeat collapses
-                        grown = slot(prefix + (k,), beam, k)
-                        grown.label = _logaddexp(grown.label, beam.blank + y)  # a blank between: a new token
+                        stay[1] = logaddexp(stay[1], p_label + y)  # a repeat collapses
+                        grown[1] = logaddexp(grown[1], p_blank + y)  # a blank between: a new token
                     else:
-                        grown = slot(prefix + (k,), beam, k)
-                        grown.label = _logaddexp(grown.label, total + y)
-
-            ranked = sorted(nxt.items(), key=lambda item: (-self._rank(item[1]), item[0]))
-            best = self._rank(ranked[0][1])
-            beams = dict(
-                (p, b) for p, b in ranked[: self.beam_width] if self._rank(b) >= best + self.beam_prune_logp
-            )
+                        grown[1] = logaddexp(grown[1], total + y)
+            scored = [(logaddexp(b, l) + static[pid], -pid) for pid, (b, l) in nxt.items()]
+            kept = heapq.nlargest(width, scored)
+            floor = kept[0][0] + prune
+            beams = {-neg: nxt[-neg] for score, neg in kept if score >= floor}
         finals = []
-        for prefix, beam in beams.items():
+        for pid, (p_blank, p_label) in beams.items():
+            beam = prefixes[pid]
             lm_score, state, words = self._complete_word(beam)
             if self.lm is not None:
                 lm_score += self.alpha * self.lm.end(state)
-            finals.append((beam.acoustic + lm_score, prefix, beam.acoustic, lm_score, words))
+            tokens = []
+            node = pid
+            while node > 0:
+                tokens.append(last_tokens[node])
+                node = parents[node]
+            acoustic = logaddexp(p_blank, p_label)
+            finals.append((acoustic + lm_score, tuple(reversed(tokens)), acoustic, lm_score, words))
         finals.sort(key=lambda f: (-f[0], f[1]))
         return [self._hypothesis(lp, *f) for f in finals[:nbest]]
 
@@ -284,9 +295,6 @@ class BeamSearchDecoder:
                 if span is not None and span.token != self.delimiter:
                     current.append(span)
         return Hypothesis(text, tokens, tuple(timings), acoustic, lm_score, score)
-
-    def _rank(self, beam: _Beam) -> float:
-        return beam.acoustic + beam.lm_score + self._partial_score(beam)
 
     def decode(self, log_probs: Tensor, input_lengths: Lengths | None = None, nbest: int = 1) -> list[list[Hypothesis]]:
         """Decode a batch: ``(T, B, C)`` or ``(T, C)`` log-probs (any dtype and device) -> per item

@@ -10,23 +10,23 @@ from ctclab.loss import ctc_loss
 from ctclab.trellis import CTCTrellis
 
 
-def nll_and_grad(log_probs, targets, il, tl, use_kernels, topology="standard"):
+def nll_and_grad(log_probs, targets, il, tl, use_kernels, topology="standard", delay_penalty=0.0):
     x = log_probs.detach().clone().requires_grad_(True)
-    trellis = CTCTrellis.build(ctc_batch(x, targets, il, tl), topology)
+    trellis = CTCTrellis.build(ctc_batch(x, targets, il, tl), topology, delay_penalty)
     nll = fused_nll(trellis, x, use_kernels=use_kernels)
     weights = torch.linspace(0.5, 1.5, nll.shape[0], dtype=nll.dtype)
     (grad,) = torch.autograd.grad((torch.nan_to_num(nll, posinf=0.0) * weights).sum(), x)
     return nll.detach(), grad
 
 
-@pytest.mark.parametrize("topology", ["standard", "modified"])
+@pytest.mark.parametrize("topology,delay", [("standard", 0.0), ("modified", 0.0), ("standard", 0.3), ("modified", -0.2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernels_match_log_space_reference(dtype, topology):
+def test_kernels_match_log_space_reference(dtype, topology, delay):
     for seed, (T, B, C, L) in enumerate([(30, 6, 5, 10), (50, 4, 12, 20), (7, 5, 3, 3), (64, 3, 40, 30)]):
         logits, targets, il, tl = random_batch(T, B, C, L, seed=seed, dtype=dtype, repeats=seed % 2 == 0)
         lp = logits.log_softmax(-1)
-        got = nll_and_grad(lp, targets, il, tl, True, topology)
-        ref = nll_and_grad(lp, targets, il, tl, False, topology)
+        got = nll_and_grad(lp, targets, il, tl, True, topology, delay)
+        ref = nll_and_grad(lp, targets, il, tl, False, topology, delay)
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got[0], ref[0], **tol)
         torch.testing.assert_close(got[1], ref[1], **tol)

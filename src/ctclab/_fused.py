@@ -82,7 +82,7 @@ class _KernelState:
         scaled = _workspace("scaled", (B, T, max(U, 1)))
         alpha = _workspace("alpha", (B, T, S))
         common = (classes.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy())
-        lengths = (trellis.num_states.numpy(), trellis.input_lengths.numpy())
+        lengths = (trellis.num_states.numpy(), trellis.input_lengths.numpy(), float(trellis.delay_penalty))
         loglik, dropped = _kernels.forward(self.lp.numpy(), *common, *lengths, scaled.numpy(), alpha.numpy())
         loglik, dropped = torch.from_numpy(loglik), torch.from_numpy(dropped)
         possible = torch.isfinite(loglik)
@@ -114,7 +114,9 @@ class _KernelState:
 
 
 def _use_kernels(trellis: CTCTrellis, log_probs: Tensor) -> bool:
-    return log_probs.device.type == "cpu" and not trellis.delay_penalty and kernels_available()
+    # entry weights exp(-lam (t - T/2)) must stay inside float64's range in probability space
+    delay_ok = abs(trellis.delay_penalty) * log_probs.shape[0] / 2 < 500
+    return log_probs.device.type == "cpu" and delay_ok and kernels_available()
 
 
 def kernels_available() -> bool:
@@ -156,8 +158,8 @@ class _FusedCTC(torch.autograd.Function):
 def fused_nll(trellis: CTCTrellis, log_probs: Tensor, use_kernels: bool | None = None) -> Tensor:
     """``(B,)`` negative log-likelihood with the explicit forward-backward gradient.
 
-    ``use_kernels``: None picks the numba kernels on CPU (when no delay penalty is set),
-    False forces the pure-PyTorch log-space path."""
+    ``use_kernels``: None picks the numba kernels on CPU (unless a delay penalty's weights
+    would leave float64's range), False forces the pure-PyTorch log-space path."""
     if use_kernels is None:
         use_kernels = _use_kernels(trellis, log_probs)
     return _FusedCTC.apply(log_probs, trellis, use_kernels)

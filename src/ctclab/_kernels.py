@@ -40,7 +40,7 @@ def _band(t, Tb, Sb):
 
 
 @_jit
-def forward(log_probs, classes, num_classes, skip, state_class, num_states, input_lengths, scaled, alpha):
+def forward(log_probs, classes, num_classes, skip, state_class, num_states, input_lengths, delay, scaled, alpha):
     """Forward pass.
 
     Args:
@@ -51,6 +51,8 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
             (two trailing zeros for states past the end).
         state_class: ``(B, S)`` int64, column of each state's label in ``classes``.
         num_states: ``(B,)`` 2L+1; input_lengths: ``(B,)``.
+        delay: delay penalty ``lam``: entering a label state at frame t is weighted by
+            ``exp(-lam * (t - T_b / 2))`` (0: plain CTC).
         scaled: ``(B, T, U)`` float64 out, ``exp(log_prob - frame max)`` of each distinct label.
         alpha: ``(B, T, S)`` out, forward variables up to a per-frame scale (band only).
 
@@ -84,12 +86,17 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
                 e = np.float64(math.exp(np.float32(d))) if single and d > -80.0 else math.exp(d)
                 scaled[b, t, u] = e
             lo, hi = _band(t, Tb, Sb)
+            entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0
             # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
             # posteriors (normalised per frame) do not see and the likelihood adds back in logs
             norm = 0.0
             underflow = False
             for s in range(lo, hi):
-                inflow = 1.0 if t == 0 else prev[s + 2] + prev[s + 1] + skip[b, s] * prev[s]
+                if t == 0:
+                    inflow = entry if s & 1 else 1.0
+                else:
+                    entering = prev[s + 1] + skip[b, s] * prev[s]
+                    inflow = prev[s + 2] + (entering * entry if s & 1 else entering)
                 y = scaled[b, t, state_class[b, s]] * inv_prev
                 v = inflow * y
                 underflow |= v < TINY
@@ -111,7 +118,7 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
 
 
 @_jit
-def posteriors(classes, num_classes, skip, state_class, num_states, input_lengths, alpha, scaled, active, occupancy, write):
+def posteriors(classes, num_classes, skip, state_class, num_states, input_lengths, delay, alpha, scaled, active, occupancy, write):
     """Backward pass: beta, and ``occupancy[b, t, u] = gamma_t(classes[b, u])`` (when ``write``) for
     every ``active`` item: ``(B, T, U)``, compact over each item's distinct labels.
 
@@ -126,13 +133,15 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
         if not active[b] or Tb == 0:
             continue
         beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
-        weighted = np.zeros(Sb + 2)  # below the band: never written, so zero
+        weighted = np.zeros(Sb + 2)  # beta_t(s) y_t(s); below the band: never written, so zero
+        entering = np.zeros(Sb + 2)  # the same, times the entry weight of label states
         per_class = np.zeros(num_classes[b])
         beta[Sb - 1] = 1.0
         if Sb > 1:
             beta[Sb - 2] = 1.0
         for t in range(Tb - 1, -1, -1):
             lo, hi = _band(t, Tb, Sb)
+            entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into label states at t
             z = 0.0
             blank_mass = 0.0
             beta_norm = 0.0
@@ -148,7 +157,9 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
                 z += ab
                 alpha_norm += a
                 beta_norm += beta[s]
-                weighted[s] = beta[s] * scaled[b, t, u]
+                w = beta[s] * scaled[b, t, u]
+                weighted[s] = w
+                entering[s] = w * entry if s & 1 else w
             if z == 0.0:
                 error[b] = np.inf
                 break
@@ -166,7 +177,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
             inv = 1.0 / beta_norm
             plo, phi = _band(t - 1, Tb, Sb)
             for s in range(plo, phi):
-                beta[s] = (weighted[s] + weighted[s + 1] + skip[b, s + 2] * weighted[s + 2]) * inv
+                beta[s] = (weighted[s] + entering[s + 1] + skip[b, s + 2] * entering[s + 2]) * inv
     return error
 
 

@@ -37,7 +37,7 @@ def variants(targets, il, tl, C):
         "label priors lam=0.3": lambda lp: ctclab.ctc_loss(prior.adjust(lp), targets, il, tl),
         "blank penalty 1.0": lambda lp: ctclab.ctc_loss(blank_penalty(lp, 1.0), targets, il, tl),
         "modified topology": lambda lp: ctclab.ctc_loss(lp, targets, il, tl, topology="modified"),
-        "delay penalty 0.01 (torch path)": lambda lp: ctclab.ctc_loss(lp, targets, il, tl, delay_penalty=0.01),
+        "delay penalty 0.01": lambda lp: ctclab.ctc_loss(lp, targets, il, tl, delay_penalty=0.01),
         "EnCTC beta=0.2 (autograd path, double backward)": lambda lp: entropy_regularised_ctc_loss(lp, targets, il, tl),
     }
 

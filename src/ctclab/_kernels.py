@@ -135,6 +135,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
         beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
         weighted = np.zeros(Sb + 2)  # beta_t(s) y_t(s); below the band: never written, so zero
         entering = np.zeros(Sb + 2)  # the same, times the entry weight of label states
+        into = entering if delay != 0.0 else weighted  # what transitions into s+1, s+2 carry
         per_class = np.zeros(num_classes[b])
         beta[Sb - 1] = 1.0
         if Sb > 1:
@@ -159,7 +160,8 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
                 beta_norm += beta[s]
                 w = beta[s] * scaled[b, t, u]
                 weighted[s] = w
-                entering[s] = w * entry if s & 1 else w
+                if delay != 0.0:
+                    entering[s] = w * entry if s & 1 else w
             if z == 0.0:
                 error[b] = np.inf
                 break
@@ -177,7 +179,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
             inv = 1.0 / beta_norm
             plo, phi = _band(t - 1, Tb, Sb)
             for s in range(plo, phi):
-                beta[s] = (weighted[s] + entering[s + 1] + skip[b, s + 2] * entering[s + 2]) * inv
+                beta[s] = (weighted[s] + into[s + 1] + skip[b, s + 2] * into[s + 2]) * inv
     return error
 
 

@@ -184,7 +184,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every, states, path_scores):
+def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every, delay, states, path_scores):
     """Best path of each item (max-plus recursion over the trellis), exact, in float64.
 
     Backpointers are packed 2 bits per state (0 skip, 1 advance, 2 stay), one byte per 4
@@ -200,6 +200,7 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
     Args:
         log_probs: ``(T, B, C)``; labels: ``(B, S)`` extended targets; skip: ``(B, S)`` bool;
         num_states, input_lengths: ``(B,)``; checkpoint_every: int >= 1.
+        delay: delay penalty ``lam``: entering a label state at frame t adds ``-lam (t - T_b/2)``.
         states: ``(B, T)`` int64 out, the state of each frame (untouched beyond the input length).
         path_scores: ``(B,)`` float64 out, the best path's total log-score (-inf if none).
     """
@@ -224,7 +225,7 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
         for t in range(Tb):
             if t % K == 0:
                 checkpoints[t // K, :] = delta
-            _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, nxt, packed[t % K])
+            _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, nxt, packed[t % K])
             delta, nxt = nxt, delta
         best = delta[Sb + 1]
         state = Sb - 1
@@ -240,7 +241,7 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
             if seg != segments - 1:  # recompute this segment's backpointers from its checkpoint
                 delta[:] = checkpoints[seg, :]
                 for t in range(start, stop):
-                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, nxt, packed[t - start])
+                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, nxt, packed[t - start])
                     delta, nxt = nxt, delta
             for t in range(stop - 1, start - 1, -1):
                 states[b, t] = state
@@ -249,19 +250,23 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
 
 
 @numba.njit(inline="always")
-def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delta, out, packed_row):
+def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, out, packed_row):
     """One frame of the max-plus recursion over the states of the band, 4 states per byte."""
     lo, hi = _band(t, Tb, Sb)
+    entry = -delay * (t - 0.5 * Tb)  # log-weight of entering a label state at frame t
     for g in range(lo >> 2, (hi + 3) >> 2):
         byte = 0
         for j in range(4):
             s = 4 * g + j
             if t == 0:
-                best = 0.0 if s < 2 else -np.inf
+                best = 0.0 if s == 0 else (entry if s == 1 else -np.inf)
                 code = 1 if s == 0 else 0  # "before" the start: advance into 0, skip into 1
             else:
                 skp = delta[s] + skip_weight[s + 2]
                 adv = delta[s + 1]
+                if s & 1:
+                    skp += entry
+                    adv += entry
                 stay = delta[s + 2]
                 best = skp
                 code = 0

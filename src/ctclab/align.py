@@ -109,7 +109,7 @@ def _viterbi_kernel(trellis: CTCTrellis, log_probs: Tensor, checkpoint_every: in
     _kernels.viterbi(
         log_probs.detach().contiguous().numpy(), trellis.labels.numpy(), trellis.skip.numpy(),
         trellis.num_states.numpy(), trellis.input_lengths.numpy(), int(checkpoint_every or max(T, 1)),
-        states.numpy(), path_score.numpy(),
+        float(trellis.delay_penalty), states.numpy(), path_score.numpy(),
     )
     return states, path_score
 
@@ -146,9 +146,9 @@ def forced_align(
         checkpoint_every: keep only every K-th frame's scores and recompute backpointers per
             segment (CPU kernel): bounded memory for long inputs at ~2x the time.
         topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
-        delay_penalty: as for :func:`ctclab.ctc_loss` (PyTorch implementation).
-        impl: ``'auto'`` (numba kernel on CPU without delay penalty, PyTorch otherwise), ``'kernel'``
-            or ``'torch'``.
+        delay_penalty: as for :func:`ctclab.ctc_loss`; ``path_score`` then includes the entry
+            weights (``scores`` stay the emission log-probs).
+        impl: ``'auto'`` (numba kernel on CPU, PyTorch elsewhere), ``'kernel'`` or ``'torch'``.
 
     Returns:
         :class:`Alignment`: ``labels, scores = forced_align(...)``, both ``(B, T)`` (or ``(T,)``
@@ -174,9 +174,7 @@ def forced_align(
             "pass skip_infeasible=True to skip them"
         )
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
-    if impl == "kernel" and delay_penalty:
-        raise ValueError("the Viterbi kernel has no delay penalty: use impl='torch' or 'auto'")
-    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu" and not delay_penalty)
+    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu")
     if use_kernel:
         states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
     else:

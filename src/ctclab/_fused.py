@@ -15,6 +15,7 @@ import threading
 import torch
 from torch import Tensor
 
+from ._inputs import frame_mask
 from .trellis import (
     CTCTrellis,
     class_posteriors,
@@ -194,7 +195,7 @@ class _CudaBuiltinCTC(torch.autograd.Function):
         g = torch.where(finite, torch.nan_to_num(grad_nll, posinf=0.0, neginf=0.0), 0.0)
         (builtin,) = torch.autograd.grad(nll, x, g)
         T = x.shape[0]
-        inside = (torch.arange(T, device=x.device)[:, None] < input_lengths[None, :])[..., None]
+        inside = frame_mask(T, input_lengths)[..., None]
         true = builtin - g[None, :, None] * x.detach().exp()
         keep = inside & finite[None, :, None] & torch.isfinite(x)
         return torch.where(keep, true, 0.0), None, None, None, None

@@ -51,6 +51,11 @@ def _lengths_tensor(name: str, value: Lengths, device: torch.device) -> Tensor:
     return torch.tensor(items if not isinstance(value, int) else value, dtype=torch.int64, device=device)
 
 
+def frame_mask(num_frames: int, input_lengths: Tensor) -> Tensor:
+    """``(T, B)`` bool: frame ``t`` lies inside item ``b``'s input length."""
+    return torch.arange(num_frames, device=input_lengths.device)[:, None] < input_lengths[None, :]
+
+
 def ctc_batch(
     log_probs: Tensor,
     targets: Tensor | None,

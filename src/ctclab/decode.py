@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._inputs import Lengths, _lengths_tensor
+from ._inputs import Lengths, _lengths_tensor, frame_mask
 from .align import TokenSpan, forced_align, token_spans
 from .vocab import BPE_MARKER
 
@@ -44,7 +44,7 @@ def greedy_decode(log_probs: Tensor, input_lengths: Lengths | None = None, blank
         raise ValueError(f"input_lengths must be (B,) = ({B},) with values in [0, {T}]")
     scores, labels = log_probs.detach().max(-1)  # (T, B)
     labels, scores = labels.T, scores.T  # (B, T)
-    inside = torch.arange(T, device=device) < lengths[:, None]
+    inside = frame_mask(T, lengths).T
     labels = torch.where(inside, labels, blank)
     starts = torch.ones_like(labels, dtype=torch.bool)
     starts[:, 1:] = labels[:, 1:] != labels[:, :-1]

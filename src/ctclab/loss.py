@@ -43,17 +43,15 @@ def negative_log_likelihood(
 ) -> Tensor:
     """``(B,)`` CTC negative log-likelihood of a validated batch, in the compute dtype
     (``inf`` for items without any path)."""
-    log_probs = batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
-    trellis = CTCTrellis.build(batch, topology, delay_penalty)
-    if impl == "autograd":
-        return trellis_nll(trellis, log_probs)
     from ._fused import builtin_cuda_nll, fused_nll
 
-    if log_probs.device.type == "cuda" and topology == "standard" and not delay_penalty:
+    log_probs = batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
+    if impl != "autograd" and log_probs.device.type == "cuda" and topology == "standard" and not delay_penalty:
         # PyTorch's CUDA kernel is tens of times faster than a Python loop over time on a GPU;
-        # its gradient is corrected to the true one
+        # its gradient is corrected to the true one (no trellis needed)
         return builtin_cuda_nll(log_probs, batch.targets, batch.input_lengths, batch.target_lengths, batch.blank)
-    return fused_nll(trellis, log_probs)
+    trellis = CTCTrellis.build(batch, topology, delay_penalty)
+    return trellis_nll(trellis, log_probs) if impl == "autograd" else fused_nll(trellis, log_probs)
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._inputs import Lengths, ctc_batch
+from ._inputs import Lengths, ctc_batch, frame_mask
 from .loss import compute_dtype
 from .trellis import CTCTrellis, Topology, add_wildcard, state_posteriors
 
@@ -64,8 +64,7 @@ def alignment_targets(
         alignable = torch.isfinite(losses.detach())
         (grad,) = torch.autograd.grad(torch.where(alignable, losses, 0.0).sum(), logits)
     T = logits.shape[0]
-    inside = torch.arange(T, device=logits.device)[:, None] < batch.input_lengths[None, :]
-    keep = (inside & alignable[None])[..., None]
+    keep = (frame_mask(T, batch.input_lengths) & alignable[None])[..., None]
     gamma = torch.where(keep, logits.detach().softmax(-1) - grad, 0.0).clamp_(min=0)
     return gamma.squeeze(1) if batch.unbatched else gamma
 
@@ -100,7 +99,7 @@ def _valid_frames(targets_like: Tensor, input_lengths: Tensor | None) -> Tensor:
     if input_lengths is None:
         return torch.ones(T, B, 1, dtype=torch.bool, device=targets_like.device)
     lengths = torch.as_tensor(input_lengths, device=targets_like.device)
-    return (torch.arange(T, device=targets_like.device)[:, None] < lengths[None, :])[..., None]
+    return frame_mask(T, lengths)[..., None]
 
 
 def smoothing_prior(num_classes: int, prior: str | Tensor = "uniform", blank: int = 0) -> Tensor:

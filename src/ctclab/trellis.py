@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._inputs import CTCBatch
+from ._inputs import CTCBatch, frame_mask
 
 #: Finite stand-in for log(0). Keeping every score finite means no ``-inf - -inf`` and hence
 #: no NaN in values or gradients (pytorch issue 31829); ``exp(NEG - x)`` is exactly 0 for
@@ -124,7 +124,7 @@ class CTCTrellis:
         beyond an item's input length (whatever padding holds there, NaN included, is ignored)."""
         T = log_probs.shape[0]
         index = self.labels.unsqueeze(0).expand(T, -1, -1)
-        inside = torch.arange(T, device=log_probs.device)[:, None, None] < self.input_lengths[None, :, None]
+        inside = frame_mask(T, self.input_lengths)[..., None]
         return torch.where(inside, log_probs.gather(2, index).clamp(min=NEG), 0.0)
 
     def final_states(self) -> Tensor:
@@ -303,8 +303,7 @@ def state_posteriors(trellis: CTCTrellis, emissions: Tensor, log_alphas: Tensor 
     ll = log_likelihood(trellis, log_alphas)
     log_gamma = log_alphas + log_beta(trellis, emissions) - ll[None, :, None]
     T = emissions.shape[0]
-    inside = torch.arange(T, device=emissions.device)[:, None, None] < trellis.input_lengths[None, :, None]
-    keep = inside & ~is_impossible(ll)[None, :, None]
+    keep = frame_mask(T, trellis.input_lengths)[..., None] & ~is_impossible(ll)[None, :, None]
     return torch.where(keep, log_gamma.clamp(max=0).exp(), 0.0)
 
 

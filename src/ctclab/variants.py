@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._inputs import Lengths
+from ._inputs import Lengths, frame_mask
 from .loss import Impl, ctc_loss, reduce_losses
 
 
@@ -81,7 +81,7 @@ class LabelPrior:
             valid = torch.ones(T, B, dtype=torch.bool, device=log_probs.device)
         else:
             lengths = torch.as_tensor(input_lengths, device=log_probs.device)
-            valid = torch.arange(T, device=log_probs.device)[:, None] < lengths[None]
+            valid = frame_mask(T, lengths)
         probs = (log_probs.float().exp() * valid[..., None]).sum((0, 1)) / valid.sum().clamp(min=1)
         probs = probs.cpu()
         current = probs if not self.seen else self.momentum * self.log_prior.exp() + (1 - self.momentum) * probs

@@ -21,6 +21,7 @@ import torch
 
 from ctclab.decode import BeamSearchDecoder
 from ctclab.lm import NGramLM
+from ctclab.vocab import Vocabulary
 
 WORKER = str(Path(__file__).with_name("_pyctcdecode_worker.py"))
 LETTERS = "abcdefghijklmnopqrstuvwxyz'"
@@ -76,46 +77,78 @@ def emissions(text, labels, rng, frames_per_char=(2, 4), confusion=0.3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyctcdecode-python", required=True)
-    parser.add_argument("--utterances", type=int, default=100)
+    parser.add_argument("--utterances", type=int, default=200)
     parser.add_argument("--beam", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--confusion", type=float, nargs="+", default=[0.0, 0.1, 0.3],
+                        help="test sets: chance per frame that a wrong letter gets about as much mass as the right one")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes for pyctcdecode's decode_batch")
+    parser.add_argument("--show", type=int, default=5, help="disagreements to print per decoder")
     args = parser.parse_args()
     rng = random.Random(0)
     sentences = corpus(rng)
     labels = [""] + [" "] + list(LETTERS)
-    tests = [sentences[rng.randrange(len(sentences))] for _ in range(args.utterances)]
-    lps = [emissions(t, labels, rng) for t in tests]
-    T = max(len(lp) for lp in lps)
-    batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
-    for i, lp in enumerate(lps):
-        batch[i, : len(lp)] = lp
-    lengths = np.array([len(lp) for lp in lps])
+    vocab = Vocabulary(tuple(["<b>"] + labels[1:]))
     with tempfile.TemporaryDirectory() as tmp:
         arpa = f"{tmp}/lm.arpa"
         write_arpa(sentences, arpa)
-        np.savez(f"{tmp}/data.npz", log_probs=batch, lengths=lengths)
-        json.dump({"labels": labels, "alpha": args.alpha, "beta": args.beta, "beam_width": args.beam}, open(f"{tmp}/cfg.json", "w"))
-        subprocess.run([args.pyctcdecode_python, WORKER, f"{tmp}/data.npz", arpa, f"{tmp}/cfg.json", f"{tmp}/out.json"], check=True)
-        theirs = json.load(open(f"{tmp}/out.json"))
         lm = NGramLM.from_arpa(arpa)
-        decoder = BeamSearchDecoder(["<b>"] + labels[1:], lm=lm, alpha=args.alpha, beta=args.beta, beam_width=args.beam,
-                                    token_min_logp=-5.0, word_delimiter=" ")
-        x = torch.from_numpy(batch).transpose(0, 1)
-        t0 = time.perf_counter()
-        ours = [h[0].text for h in decoder.decode(x, torch.from_numpy(lengths))]
-        seconds = time.perf_counter() - t0
-    same = sum(a == b.strip() for a, b in zip(ours, theirs["texts"]))
-    correct_ours = sum(a == t for a, t in zip(ours, tests))
-    correct_theirs = sum(b.strip() == t for b, t in zip(theirs["texts"], tests))
-    n = len(tests)
-    print(f"{n} utterances, beam {args.beam}: same top hypothesis {same}/{n} ({100 * same / n:.0f}%); "
-          f"exact-sentence accuracy ctclab {correct_ours}/{n}, pyctcdecode {correct_theirs}/{n}")
-    print(f"time per utterance: ctclab {1e3 * seconds / n:.1f} ms, pyctcdecode {1e3 * theirs['seconds'] / n:.1f} ms "
-          f"({theirs['seconds'] / seconds:.2f}x)")
-    for a, b, t in list(zip(ours, theirs["texts"], tests))[:200]:
-        if a != b.strip():
-            print(f"  differ: ctclab {a!r} | pyctcdecode {b.strip()!r} | truth {t!r}")
+        for confusion in args.confusion:
+            tests = [sentences[rng.randrange(len(sentences))] for _ in range(args.utterances)]
+            lps = [emissions(t, labels, rng, confusion=confusion) for t in tests]
+            T = max(len(lp) for lp in lps)
+            batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
+            for i, lp in enumerate(lps):
+                batch[i, : len(lp)] = lp
+            lengths = np.array([len(lp) for lp in lps])
+            np.savez(f"{tmp}/data.npz", log_probs=batch, lengths=lengths)
+            json.dump({"labels": labels, "alpha": args.alpha, "beta": args.beta, "beam_width": args.beam,
+                       "processes": args.processes}, open(f"{tmp}/cfg.json", "w"))
+            subprocess.run([args.pyctcdecode_python, WORKER, f"{tmp}/data.npz", arpa, f"{tmp}/cfg.json", f"{tmp}/out.json"], check=True)
+            theirs = json.load(open(f"{tmp}/out.json"))
+            decoder = BeamSearchDecoder(vocab.tokens, lm=lm, alpha=args.alpha, beta=args.beta, beam_width=args.beam)
+            x = torch.from_numpy(batch).transpose(0, 1)
+            decoder.decode(x[:, :2], torch.from_numpy(lengths[:2]))  # warm-up (numba, LM cache of other sentences)
+            decoder = BeamSearchDecoder(vocab.tokens, lm=lm, alpha=args.alpha, beta=args.beta, beam_width=args.beam)
+            t0 = time.perf_counter()
+            ours = [decoder.decode(x[: lengths[i], i])[0][0].text for i in range(len(tests))]
+            one_by_one = time.perf_counter() - t0
+            decoder = BeamSearchDecoder(vocab.tokens, lm=lm, alpha=args.alpha, beta=args.beta, beam_width=args.beam)
+            t0 = time.perf_counter()
+            batched = [h[0].text for h in decoder.decode(x, torch.from_numpy(lengths))]
+            in_batch = time.perf_counter() - t0
+            assert batched == ours, "batched and one-by-one decoding differ"
+            n = len(tests)
+            correct = sum(a == t for a, t in zip(ours, tests))
+            print(f"\n== confusion {confusion}: {n} utterances ({lengths.mean():.0f} frames on average), beam {args.beam}, "
+                  f"alpha {args.alpha}, beta {args.beta}")
+            print(f"ctclab: {1e3 * one_by_one / n:.2f} ms/utt one by one, {1e3 * in_batch / n:.2f} ms/utt as one batch; "
+                  f"sentences right {correct}/{n}")
+            for name, result in theirs.items():
+                texts = [" ".join(t.split()) for t in result["texts"]]
+                same = sum(a == b for a, b in zip(ours, texts))
+                mine_better, theirs_better = 0, []
+                for i, (a, b) in enumerate(zip(ours, texts)):
+                    if a == b:
+                        continue
+                    lp = torch.from_numpy(lps[i]).double()
+                    mine, other = decoder.score(lp, vocab.encode(a)[0]).score, decoder.score(lp, vocab.encode(b)[0]).score
+                    mine_better += mine > other
+                    if other > mine:
+                        theirs_better.append(f"    theirs scores higher by {other - mine:.3f}: ctclab {a!r} | {b!r} | truth {tests[i]!r}")
+                reference = one_by_one if "batch" not in name else in_batch
+                print(f"{name}: same top hypothesis {same}/{n} ({100 * same / n:.0f}%); of the {n - same} others, "
+                      f"ctclab's scores higher under the shared objective (CTC + LM) {mine_better}, theirs {len(theirs_better)}, "
+                      f"tie {n - same - mine_better - len(theirs_better)}; "
+                      f"sentences right {sum(b == t for b, t in zip(texts, tests))}/{n}; "
+                      f"{1e3 * result['seconds'] / n:.2f} ms/utt -> ctclab {result['seconds'] / reference:.1f}x faster")
+                print("\n".join(theirs_better))
+                shown = 0
+                for a, b, t in zip(ours, texts, tests):
+                    if a != b and shown < args.show:
+                        print(f"    ctclab {a!r} | {name} {b!r} | truth {t!r}")
+                        shown += 1
 
 
 if __name__ == "__main__":

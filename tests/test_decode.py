@@ -144,6 +144,25 @@ def test_decoder_rejects_bad_input():
         BeamSearchDecoder(VOCAB, word_delimiter="#")
     with pytest.raises(ValueError, match="blank"):
         greedy_decode(torch.zeros(3, 2, 4), blank=4)
+    nan = torch.zeros(4, 2, 5)
+    nan[2, 1, 3] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        greedy_decode(nan)
+    with pytest.raises(ValueError, match="NaN"):
+        decoder.decode(nan)
+    with pytest.raises(ValueError, match="token_min_logp"):
+        BeamSearchDecoder(VOCAB, token_min_logp=1.0)
+    with pytest.raises(ValueError, match="tokens"):
+        decoder.score(torch.zeros(4, 5), [0, 2])
+
+
+def test_greedy_on_rows_of_minus_inf_and_ties():
+    lp = torch.full((4, 1, 3), -math.inf)
+    lp[1, 0, 2] = 0.0
+    lp[2, 0, 1] = lp[2, 0, 2] = -1.0  # a tie: the first class wins, as argmax has it
+    spans = greedy_decode(lp)[0]
+    assert [(s.token, s.start, s.end) for s in spans] == [(2, 1, 2), (1, 2, 3)]
+    assert spans[0].score == pytest.approx(1.0) and spans[1].score == pytest.approx(math.exp(-1.0))
 
 
 def test_decode_cli_text_and_json(tmp_path, capsys, lm):
@@ -164,3 +183,34 @@ def test_decode_cli_text_and_json(tmp_path, capsys, lm):
     assert doc[0]["text"] == "ab" and len(doc) == 2 and doc[0]["words"][0]["word"] == "ab"
     assert main(base + ["--lm", str(tmp_path / "missing.arpa")]) == 2
     assert "cannot read LM" in capsys.readouterr().err
+
+
+def test_exhaustive_search_with_lm_and_hotwords_finds_the_best_scoring_labelling(lm):
+    # with nothing pruned, the top hypothesis maximises acoustic + LM + hotword score over all labellings
+    T, C = 5, 5
+    decoder = BeamSearchDecoder(VOCAB, beam_width=10_000, lm=lm, alpha=0.7, beta=0.3, hotwords=["ba"], hotword_weight=0.4,
+                                token_min_logp=-math.inf, beam_prune_logp=-math.inf)
+    labellings = {tuple(collapse(p)) for p in itertools.product(range(C), repeat=T)}
+    for seed in range(3):
+        lp = torch.randn(T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
+        best = max(decoder.score(lp, labelling).score for labelling in labellings)
+        hyps = decoder.decode(lp, nbest=4)[0]
+        assert hyps[0].score == pytest.approx(best, abs=1e-9)
+        for h in hyps:  # every hypothesis's scores are those of its labelling
+            again = decoder.score(lp, h.tokens)
+            assert (h.acoustic_score, h.lm_score, h.text) == (pytest.approx(again.acoustic_score, abs=1e-9), pytest.approx(again.lm_score, abs=1e-9), again.text)
+
+
+def test_tables_grow_and_results_do_not_depend_on_batching_or_history(lm):
+    # a larger batch makes every table of the search grow several times (prefix arena, word trie,
+    # LM cache); a decoder that has decoded other batches before gives the same results
+    logits, _, il, _ = random_batch(60, 12, 5, 20, seed=7, dtype=torch.float64)
+    lp = (3 * logits).log_softmax(-1)
+    fresh = lambda: BeamSearchDecoder(VOCAB, beam_width=32, lm=lm, hotwords=["cab"], hotword_weight=1.0)  # noqa: E731
+    warm = fresh()
+    warm.decode(lp.flip(0), il)
+    batched = warm.decode(lp, il, nbest=2)
+    for b in [0, 5, 11]:
+        single = fresh().decode(lp[: il[b], b], nbest=2)[0]
+        assert [(h.text, h.tokens) for h in single] == [(h.text, h.tokens) for h in batched[b]]
+        assert [h.score for h in single] == pytest.approx([h.score for h in batched[b]], abs=1e-9)

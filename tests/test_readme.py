@@ -27,3 +27,15 @@ def test_alignment_and_modification_examples_run():
     exec(BLOCKS[2], namespace)
     namespace["loss"].backward()
     assert torch.isfinite(log_probs.grad).all()
+
+
+def test_decoding_example_runs():
+    import ctclab
+
+    g = torch.Generator().manual_seed(0)
+    log_probs = (3 * torch.randn(30, 2, 6, generator=g)).log_softmax(-1)
+    namespace = dict(log_probs=log_probs, input_lengths=torch.tensor([30, 22]), lm=None,
+                     vocab=ctclab.Vocabulary(("<b>", "|", "a", "b", "c", "d")))
+    exec(BLOCKS[3], namespace)
+    assert len(namespace["best_paths"]) == 2 and len(namespace["hyps"][0]) == 3
+    assert namespace["text"] == namespace["hyps"][0][0].text

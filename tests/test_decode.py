@@ -89,6 +89,15 @@ def test_arpa_scores_match_hand_computed_back_off(lm):
     assert lm.score(("ab",), "zzz")[0] == pytest.approx((-0.3 - 100.0) * LN10)
 
 
+def test_arpa_vocabulary(tmp_path):
+    from ctclab.lm import arpa_vocabulary
+
+    (tmp_path / "lm.arpa").write_text(ARPA)
+    (tmp_path / "lm.bin").write_bytes(b"mmap lm http://kheafield.com/code format version 5\0\x01")
+    assert arpa_vocabulary(tmp_path / "lm.arpa") == {"ab", "ba", "cab"}
+    assert arpa_vocabulary(tmp_path / "lm.bin") is None
+
+
 def emissions_for(frames, C, sharp=4.0):
     """Log-probs where each frame carries a distribution over classes given as {class: weight}."""
     lp = torch.full((len(frames), C), -sharp * 2)
@@ -185,10 +194,11 @@ def test_decode_cli_text_and_json(tmp_path, capsys, lm):
     assert "cannot read LM" in capsys.readouterr().err
 
 
-def test_exhaustive_search_with_lm_and_hotwords_finds_the_best_scoring_labelling(lm):
+@pytest.mark.parametrize("vocab", [VOCAB, ["<b>", "\u2581ab", "c", "\u2581b", "a"]], ids=["characters", "bpe"])
+def test_exhaustive_search_with_lm_and_hotwords_finds_the_best_scoring_labelling(lm, vocab):
     # with nothing pruned, the top hypothesis maximises acoustic + LM + hotword score over all labellings
     T, C = 5, 5
-    decoder = BeamSearchDecoder(VOCAB, beam_width=10_000, lm=lm, alpha=0.7, beta=0.3, hotwords=["ba"], hotword_weight=0.4,
+    decoder = BeamSearchDecoder(vocab, beam_width=10_000, lm=lm, alpha=0.7, beta=0.3, hotwords=["ba"], hotword_weight=0.4,
                                 token_min_logp=-math.inf, beam_prune_logp=-math.inf)
     labellings = {tuple(collapse(p)) for p in itertools.product(range(C), repeat=T)}
     for seed in range(3):

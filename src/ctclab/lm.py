@@ -92,14 +92,39 @@ class NGramLM:
         return self.score(state, "</s>")[0]
 
 
+def arpa_vocabulary(path: str | Path) -> set[str] | None:
+    """The words of an ARPA file's unigram section (None for a file that is not ARPA text, such
+    as a kenlm binary)."""
+    words: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.readline().strip() != "\\data\\":
+                return None
+            inside = False
+            for line in f:
+                line = line.strip()
+                if line == "\\1-grams:":
+                    inside = True
+                elif inside and line.startswith("\\"):
+                    break
+                elif inside and line:
+                    words.add(line.split()[1])
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
+    return words - {"<s>", "</s>", "<unk>"}
+
+
 class KenLM:
-    """:class:`LanguageModel` over the ``kenlm`` package (``pip install kenlm``), for large models."""
+    """:class:`LanguageModel` over the ``kenlm`` package (``pip install kenlm``), for large models.
+    ``vocabulary``: the LM's words (read from an ARPA file's unigrams; None for binaries), which
+    lets the decoder penalise partial words no LM word starts with."""
 
     def __init__(self, path: str | Path):
         import kenlm
 
         self.model = kenlm.Model(str(path))
         self._kenlm = kenlm
+        self.vocabulary = arpa_vocabulary(path)
 
     def begin(self):
         state = self._kenlm.State()

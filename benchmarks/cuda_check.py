@@ -1,5 +1,6 @@
 """CUDA checks of the pure-PyTorch paths (the numba kernels are CPU-only): parity with the
-built-in on the GPU, half precision, forced alignment against the CPU kernel, alignment targets.
+built-in on the GPU, half precision, forced alignment against the CPU kernel, alignment targets,
+decoding of CUDA (and half-precision) log-probs.
 Exits non-zero on the first failed check. Usage: python benchmarks/cuda_check.py"""
 import sys
 import time
@@ -58,6 +59,15 @@ def main():
     q = ctclab.alignment_targets(lp, targets, il, tl)
     q_builtin = ctclab.alignment_targets(lp, targets, il, tl, ctc_loss=F.ctc_loss)
     check("cuda alignment_targets match the built-in's", torch.allclose(q, q_builtin, atol=1e-4), f"{float((q - q_builtin).abs().max()):.1e}")
+    lp = (4 * torch.randn(80, 6, 12, device=dev)).log_softmax(-1)
+    vocab = ["<b>", "|"] + [chr(97 + i) for i in range(10)]
+    check("cuda greedy_decode equals CPU", ctclab.greedy_decode(lp, il[:6]) == ctclab.greedy_decode(lp.cpu(), il[:6].cpu()))
+    decoder = ctclab.BeamSearchDecoder(vocab, beam_width=16, hotwords=["abc"])
+    on_gpu = [[(h.text, h.tokens) for h in hyps] for hyps in decoder.decode(lp, il[:6], nbest=2)]
+    on_cpu = [[(h.text, h.tokens) for h in hyps] for hyps in decoder.decode(lp.cpu(), il[:6].cpu(), nbest=2)]
+    half = [[h.tokens for h in hyps] for hyps in decoder.decode(lp.half(), il[:6])]
+    half_cpu = [[h.tokens for h in hyps] for hyps in decoder.decode(lp.half().cpu(), il[:6].cpu())]
+    check("cuda beam search equals CPU (float32 and float16 input)", on_gpu == on_cpu and half == half_cpu)
     if "--quick" in sys.argv:
         return
     # long alignment on the GPU (packed backpointers on the device)

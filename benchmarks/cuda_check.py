@@ -60,6 +60,7 @@ def main():
     q_builtin = ctclab.alignment_targets(lp, targets, il, tl, ctc_loss=F.ctc_loss)
     check("cuda alignment_targets match the built-in's", torch.allclose(q, q_builtin, atol=1e-4), f"{float((q - q_builtin).abs().max()):.1e}")
     lp = (4 * torch.randn(80, 6, 12, device=dev)).log_softmax(-1)
+    il = torch.tensor([80, 70, 60, 80, 50, 40], device=dev)
     vocab = ["<b>", "|"] + [chr(97 + i) for i in range(10)]
     check("cuda greedy_decode equals CPU", ctclab.greedy_decode(lp, il[:6]) == ctclab.greedy_decode(lp.cpu(), il[:6].cpu()))
     decoder = ctclab.BeamSearchDecoder(vocab, beam_width=16, hotwords=["abc"])

@@ -136,7 +136,8 @@ class BeamSearchDecoder:
             all); blank is always tried. -5 as in pyctcdecode: a token below it carries under
             0.7% of the frame's mass.
         beam_prune_logp: prefixes this far below the best are dropped (``-inf``: none).
-        unk_offset: cost of a partial word that no LM word starts with.
+        unk_offset: cost of a partial word that no LM word starts with (scaled by its length
+            / 6 past 6 characters, as in pyctcdecode).
 
     Ties are broken by the order in which prefixes first appear, so results are deterministic.
     A decoder keeps its word trie and LM score cache between calls (cleared when they grow past

@@ -79,3 +79,16 @@ def test_builtin_with_corrected_gradient_is_the_true_gradient(scale):
     torch.testing.assert_close(nll, ref.detach())
     torch.testing.assert_close(got, expected)
     assert torch.isfinite(got).all()
+
+
+def test_fused_backward_twice_through_a_retained_graph():
+    logits, targets, il, tl = random_batch(30, 4, 6, 5, seed=11)
+    x = logits.log_softmax(-1).detach().requires_grad_(True)
+    loss = ctc_loss(x, targets, il, tl, impl="fused")
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    assert torch.allclose(x.grad, 2 * once, atol=1e-6)
+    ref = x.detach().requires_grad_(True)
+    ctc_loss(ref, targets, il, tl, impl="autograd").backward()
+    assert torch.allclose(once, ref.grad, atol=1e-6)

@@ -88,10 +88,17 @@ class _KernelState:
         loglik, dropped = torch.from_numpy(loglik), torch.from_numpy(dropped)
         possible = torch.isfinite(loglik)
         active = possible if need_grad else possible & dropped
-        self.occupancy = torch.zeros(B, T, U, dtype=self.lp.dtype) if need_grad else torch.empty(0, 0, 0, dtype=self.lp.dtype)
+        # the kernel writes the posteriors straight into the gradient's layout (T, B, C) when the
+        # vocabulary is small (backward: one multiplication), else compactly, (T, B, U), scattered
+        # onto the classes in backward (a (T, B, C) buffer held from forward to backward would
+        # double the loss's memory for vocabularies of thousands)
+        self.compact = C > 2 * U
+        columns = torch.arange(U).expand(B, U).contiguous() if self.compact else classes
+        shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
+        self.occupancy = torch.zeros(shape, dtype=self.lp.dtype)
         self.classes = classes
         error = torch.from_numpy(
-            _kernels.posteriors(*common, *lengths, alpha.numpy(), scaled.numpy(), active.numpy(), self.occupancy.numpy(), need_grad)
+            _kernels.posteriors(columns.numpy(), *common[1:], *lengths, alpha.numpy(), scaled.numpy(), active.numpy(), self.occupancy.numpy(), need_grad)
         )
         # a vanished score with a path, or underflow that may matter: log space
         self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
@@ -102,11 +109,11 @@ class _KernelState:
         self.trellis = trellis
 
     def grad(self, grad_nll: Tensor) -> Tensor:
-        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
-        T = self.lp.shape[0]
-        grad = torch.zeros_like(self.lp)
-        occupancy = (self.occupancy * scale[:, None, None]).transpose(0, 1)
-        grad.scatter_(2, self.classes.unsqueeze(0).expand(T, -1, -1), occupancy)
+        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)[None, :, None]
+        grad = self.occupancy * scale
+        if self.compact:
+            T = self.lp.shape[0]
+            grad = torch.zeros_like(self.lp).scatter_(2, self.classes.unsqueeze(0).expand(T, -1, -1), grad)
         redo = self.redo & (grad_nll != 0)
         if bool(redo.any()):
             sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])

@@ -118,9 +118,10 @@ def forward(log_probs, classes, num_classes, skip, state_class, num_states, inpu
 
 
 @_jit
-def posteriors(classes, num_classes, skip, state_class, num_states, input_lengths, delay, alpha, scaled, active, occupancy, write):
-    """Backward pass: beta, and ``occupancy[b, t, u] = gamma_t(classes[b, u])`` (when ``write``) for
-    every ``active`` item: ``(B, T, U)``, compact over each item's distinct labels.
+def posteriors(columns, num_classes, skip, state_class, num_states, input_lengths, delay, alpha, scaled, active, occupancy, write):
+    """Backward pass: beta, and ``occupancy[t, b, columns[b, u]] = gamma_t(u-th distinct label)``
+    (when ``write``) for every ``active`` item; ``columns``: the labels themselves (``occupancy``
+    is then ``(T, B, C)``, the gradient's layout) or ``0..U-1`` (compact, ``(T, B, U)``).
 
     Returns ``(B,)`` float64, a bound on the relative error that underflow caused (see the module
     docstring; 0 for inactive items, inf where a frame's ``z`` vanished).
@@ -171,7 +172,7 @@ def posteriors(classes, num_classes, skip, state_class, num_states, input_length
             per_class[state_class[b, 0]] = blank_mass
             for u in range(num_classes[b]):
                 if write:
-                    occupancy[b, t, u] = per_class[u] * inv_z
+                    occupancy[t, b, columns[b, u]] = per_class[u] * inv_z
                 per_class[u] = 0.0
             if t == 0:
                 break

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 from conftest import random_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracle import brute_force_nll, collapse
 
 from ctclab import ctc_loss
@@ -224,3 +226,22 @@ def test_tables_grow_and_results_do_not_depend_on_batching_or_history(lm):
         single = fresh().decode(lp[: il[b], b], nbest=2)[0]
         assert [(h.text, h.tokens) for h in single] == [(h.text, h.tokens) for h in batched[b]]
         assert [h.score for h in single] == pytest.approx([h.score for h in batched[b]], abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), sharp=st.floats(0.5, 6.0), bpe=st.booleans())
+def test_unpruned_search_is_exhaustive_for_random_inputs(tmp_path_factory, T, seed, sharp, bpe):
+    # random tiny inputs: with nothing pruned the search returns the best-scoring labelling
+    # (acoustic + LM + hotwords) and the exact CTC score of each hypothesis
+    path = tmp_path_factory.getbasetemp() / "random.arpa"
+    path.write_text(ARPA)
+    vocab = ["<b>", "\u2581ab", "c", "\u2581b", "a"] if bpe else VOCAB
+    decoder = BeamSearchDecoder(vocab, beam_width=100_000, lm=NGramLM.from_arpa(path), alpha=0.8, beta=0.5,
+                                hotwords=["ab"], hotword_weight=0.3, token_min_logp=-math.inf, beam_prune_logp=-math.inf)
+    g = torch.Generator().manual_seed(seed)
+    lp = (sharp * torch.randn(T, 5, dtype=torch.float64, generator=g)).log_softmax(-1)
+    labellings = {tuple(collapse(p)) for p in itertools.product(range(5), repeat=T)}
+    best = max(decoder.score(lp, labelling).score for labelling in labellings)
+    top = decoder.decode(lp)[0][0]
+    assert top.score == pytest.approx(best, abs=1e-9)
+    assert top.acoustic_score == pytest.approx(decoder.score(lp, top.tokens).acoustic_score, abs=1e-9)

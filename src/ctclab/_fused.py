@@ -38,7 +38,7 @@ def _log_space_grad(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
     return class_posteriors(trellis, gamma, log_probs.shape[2])
 
 
-#: Largest relative error from underflow (bounded by :func:`ctclab._kernels.posteriors`) that an
+#: Largest relative error from underflow (bounded by :func:`ctclab._kernels.forward_backward`) that an
 #: item may carry before it is recomputed in log space.
 _MAX_UNDERFLOW_ERROR = 1e-13
 
@@ -62,7 +62,7 @@ class _KernelState:
     """The CPU kernels' forward-backward of a batch.
 
     The posteriors are computed at forward time when a gradient will be needed: the exactness
-    check (:func:`ctclab._kernels.posteriors`) needs the backward variables anyway, and the
+    check (:func:`ctclab._kernels.forward_backward`) needs the backward variables anyway, and the
     forward variables can then be freed. Without a gradient only items whose forward pass lost
     mass to underflow run the backward check."""
 
@@ -80,14 +80,6 @@ class _KernelState:
         skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
         T = self.lp.shape[0]
-        scaled = _workspace("scaled", (B, T, max(U, 1)))
-        alpha = _workspace("alpha", (B, T, S))
-        common = (classes.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy())
-        lengths = (trellis.num_states.numpy(), trellis.input_lengths.numpy(), float(trellis.delay_penalty))
-        loglik, dropped = _kernels.forward(self.lp.numpy(), *common, *lengths, scaled.numpy(), alpha.numpy())
-        loglik, dropped = torch.from_numpy(loglik), torch.from_numpy(dropped)
-        possible = torch.isfinite(loglik)
-        active = possible if need_grad else possible & dropped
         # the kernel writes the posteriors straight into the gradient's layout (T, B, C) when the
         # vocabulary is small (backward: one multiplication), else compactly, (T, B, U), scattered
         # onto the classes in backward (a (T, B, C) buffer held from forward to backward would
@@ -97,9 +89,15 @@ class _KernelState:
         shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
         self.occupancy = torch.zeros(shape, dtype=self.lp.dtype)
         self.classes = classes
-        error = torch.from_numpy(
-            _kernels.posteriors(columns.numpy(), *common[1:], *lengths, alpha.numpy(), scaled.numpy(), active.numpy(), self.occupancy.numpy(), need_grad)
-        )
+        threads = _kernels.numba.get_num_threads()
+        scaled = _workspace("scaled", (threads, T, max(U, 1)))
+        alpha = _workspace("alpha", (threads, T, S))
+        loglik, error = map(torch.from_numpy, _kernels.forward_backward(
+            self.lp.numpy(), classes.numpy(), columns.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy(),
+            trellis.num_states.numpy(), trellis.input_lengths.numpy(), float(trellis.delay_penalty), need_grad,
+            self.occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+        ))
+        possible = torch.isfinite(loglik)
         # a vanished score with a path, or underflow that may matter: log space
         self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
         nll = (-loglik).to(log_probs.dtype)

@@ -11,7 +11,7 @@ Exactness guard: a stored forward or backward variable loses at most :data:`TINY
 in its frame's scale) to underflow. A loss at frame ``t`` in state ``s`` changes the likelihood
 and every posterior by at most ``TINY * beta_t(s) / z_t`` relative (``TINY * alpha_t(s) / z_t``
 for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``: the lost mass's whole
-future is in ``beta_t(s)``. :func:`posteriors` adds ``TINY * (sum alpha_t + sum beta_t) / z_t``
+future is in ``beta_t(s)``. :func:`_posteriors` adds ``TINY * (sum alpha_t + sum beta_t) / z_t``
 over the frames; the caller recomputes items whose bound is not negligible in log space
 (:mod:`ctclab.trellis`), so results are those of the log-space recursion, however extreme
 the scores.
@@ -28,6 +28,7 @@ import numpy as np
 
 # reassociation lets LLVM vectorise the per-frame sums; no flag that assumes finite values
 _jit = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+_item_jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 
 #: Values below this (float64, in their frame's scale) count as possibly truncated by underflow.
 TINY = 1e-300
@@ -39,149 +40,162 @@ def _band(t, Tb, Sb):
     return max(0, Sb - 2 * (Tb - t)), min(Sb, 2 * t + 2)
 
 
+@_item_jit
+def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled, alpha):
+    """Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
+    and ``alpha`` ``(T, S)`` are the item's, filled here). Returns its log-likelihood (-inf if
+    no path) and whether any variable fell below :data:`TINY`."""
+    single = log_probs.itemsize == 4
+    flagged = False
+    prev = np.zeros(Sb + 2)  # two leading zeros stand for states -2 and -1
+    cur = np.zeros(Sb + 2)
+    total = 0.0
+    inv_prev = 1.0
+    ok = Tb > 0
+    for t in range(Tb):
+        frame_max = -np.inf
+        for u in range(num_classes[b]):
+            frame_max = max(frame_max, np.float64(log_probs[t, b, classes[b, u]]))
+        if frame_max == -np.inf:  # every label impossible at this frame
+            ok = False
+            break
+        for u in range(num_classes[b]):
+            score = np.float64(log_probs[t, b, classes[b, u]])
+            d = score - frame_max
+            # float32 exp where its range suffices (~2x faster); float64 below
+            e = np.float64(math.exp(np.float32(d))) if single and d > -80.0 else math.exp(d)
+            scaled[t, u] = e
+        lo, hi = _band(t, Tb, Sb)
+        entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0
+        # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
+        # posteriors (normalised per frame) do not see and the likelihood adds back in logs
+        norm = 0.0
+        underflow = False
+        for s in range(lo, hi):
+            if t == 0:
+                inflow = entry if s & 1 else 1.0
+            else:
+                entering = prev[s + 1] + skip[b, s] * prev[s]
+                inflow = prev[s + 2] + (entering * entry if s & 1 else entering)
+            y = scaled[t, state_class[b, s]] * inv_prev
+            v = inflow * y
+            underflow |= v < TINY
+            cur[s + 2] = v
+            alpha[t, s] = v
+            norm += v
+        if norm == 0.0:
+            ok = False
+            break
+        flagged |= underflow
+        cur[lo : lo + 2] = 0.0  # states lo-2, lo-1: read next frame, stale from two frames ago
+        inv_prev = 1.0 / norm
+        total += math.log(norm) + frame_max
+        prev, cur = cur, prev
+    if ok:
+        end = prev[Sb + 1] + (prev[Sb] if Sb > 1 else 0.0)
+        return total + math.log(end * inv_prev), flagged
+    return -np.inf, flagged
+
+
+@_item_jit
+def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha, scaled, occupancy, write):
+    """Backward pass of item ``b``: beta, and its posteriors into ``occupancy`` (when ``write``).
+    Returns a bound on the relative error that underflow caused (see the module docstring;
+    inf where a frame's ``z`` vanished)."""
+    error = 0.0
+    beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
+    weighted = np.zeros(Sb + 2)  # beta_t(s) y_t(s); below the band: never written, so zero
+    entering = np.zeros(Sb + 2)  # the same, times the entry weight of label states
+    into = entering if delay != 0.0 else weighted  # what transitions into s+1, s+2 carry
+    per_class = np.zeros(num_classes[b])
+    beta[Sb - 1] = 1.0
+    if Sb > 1:
+        beta[Sb - 2] = 1.0
+    for t in range(Tb - 1, -1, -1):
+        lo, hi = _band(t, Tb, Sb)
+        entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into label states at t
+        z = 0.0
+        blank_mass = 0.0
+        beta_norm = 0.0
+        alpha_norm = 0.0
+        for s in range(lo, hi):
+            u = state_class[b, s]
+            a = alpha[t, s]
+            ab = a * beta[s]
+            if s & 1:
+                per_class[u] += ab
+            else:  # blank: a register, not a store-to-load chain through per_class[blank]
+                blank_mass += ab
+            z += ab
+            alpha_norm += a
+            beta_norm += beta[s]
+            w = beta[s] * scaled[t, u]
+            weighted[s] = w
+            if delay != 0.0:
+                entering[s] = w * entry if s & 1 else w
+        if z == 0.0:
+            return np.inf
+        # every stored variable may have lost up to TINY (absolute, in its frame's scale)
+        error += TINY * (alpha_norm + beta_norm) / z
+        inv_z = 1.0 / z
+        per_class[state_class[b, 0]] = blank_mass
+        for u in range(num_classes[b]):
+            if write:
+                occupancy[t, b, columns[b, u]] = per_class[u] * inv_z
+            per_class[u] = 0.0
+        if t == 0:
+            break
+        # beta_{t-1}(s) = sum over successors s' of beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
+        inv = 1.0 / beta_norm
+        plo, phi = _band(t - 1, Tb, Sb)
+        for s in range(plo, phi):
+            beta[s] = (weighted[s] + into[s + 1] + skip[b, s + 2] * into[s + 2]) * inv
+    return error
+
+
 @_jit
-def forward(log_probs, classes, num_classes, skip, state_class, num_states, input_lengths, delay, scaled, alpha):
-    """Forward pass.
+def forward_backward(log_probs, classes, columns, num_classes, skip, state_class, num_states, input_lengths, delay,
+                     need_grad, occupancy, alpha, scaled):
+    """Forward and backward pass, item by item: each thread keeps its item's forward variables
+    in a buffer of its own, read back by the backward pass from cache rather than from memory.
 
     Args:
         log_probs: ``(T, B, C)`` float32/float64 log-scores.
         classes: ``(B, U)`` int64, the distinct labels of each item (blank included);
             num_classes: ``(B,)`` how many.
+        columns: ``(B, U)`` where each distinct label's posterior goes in ``occupancy``: the
+            labels themselves (``occupancy`` ``(T, B, C)``, the gradient's layout) or ``0..U-1``
+            (compact, ``(T, B, U)``).
         skip: ``(B, S + 2)`` float64, 1 where the skip transition into a state is allowed
             (two trailing zeros for states past the end).
         state_class: ``(B, S)`` int64, column of each state's label in ``classes``.
         num_states: ``(B,)`` 2L+1; input_lengths: ``(B,)``.
         delay: delay penalty ``lam``: entering a label state at frame t is weighted by
             ``exp(-lam * (t - T_b / 2))`` (0: plain CTC).
-        scaled: ``(B, T, U)`` float64 out, ``exp(log_prob - frame max)`` of each distinct label.
-        alpha: ``(B, T, S)`` out, forward variables up to a per-frame scale (band only).
+        need_grad: write the posteriors; otherwise the backward pass runs only where the
+            forward pass lost mass to underflow, for the error bound.
+        alpha, scaled: ``(threads, T, S)`` and ``(threads, T, U)`` float64 scratch: forward
+            variables up to a per-frame scale (band only), ``exp(log_prob - frame max)`` of each
+            distinct label.
 
     Returns:
-        ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` bool: whether any variable
-        fell below :data:`TINY` (see :func:`posteriors` for when that matters).
+        ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` float64 bound on the
+        relative error that underflow caused (0 where the backward pass did not run).
     """
-    B, T, S = alpha.shape
-    single = log_probs.itemsize == 4
+    B = log_probs.shape[1]
+    threads = alpha.shape[0]
     loglik = np.full(B, -np.inf)
-    flagged = np.zeros(B, dtype=np.bool_)
-    for b in numba.prange(B):
-        Sb = num_states[b]
-        Tb = input_lengths[b]
-        prev = np.zeros(Sb + 2)  # two leading zeros stand for states -2 and -1
-        cur = np.zeros(Sb + 2)
-        total = 0.0
-        inv_prev = 1.0
-        ok = Tb > 0
-        for t in range(Tb):
-            frame_max = -np.inf
-            for u in range(num_classes[b]):
-                frame_max = max(frame_max, np.float64(log_probs[t, b, classes[b, u]]))
-            if frame_max == -np.inf:  # every label impossible at this frame
-                ok = False
-                break
-            for u in range(num_classes[b]):
-                score = np.float64(log_probs[t, b, classes[b, u]])
-                d = score - frame_max
-                # float32 exp where its range suffices (~2x faster); float64 below
-                e = np.float64(math.exp(np.float32(d))) if single and d > -80.0 else math.exp(d)
-                scaled[b, t, u] = e
-            lo, hi = _band(t, Tb, Sb)
-            entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0
-            # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
-            # posteriors (normalised per frame) do not see and the likelihood adds back in logs
-            norm = 0.0
-            underflow = False
-            for s in range(lo, hi):
-                if t == 0:
-                    inflow = entry if s & 1 else 1.0
-                else:
-                    entering = prev[s + 1] + skip[b, s] * prev[s]
-                    inflow = prev[s + 2] + (entering * entry if s & 1 else entering)
-                y = scaled[b, t, state_class[b, s]] * inv_prev
-                v = inflow * y
-                underflow |= v < TINY
-                cur[s + 2] = v
-                alpha[b, t, s] = v
-                norm += v
-            if norm == 0.0:
-                ok = False
-                break
-            flagged[b] |= underflow
-            cur[lo : lo + 2] = 0.0  # states lo-2, lo-1: read next frame, stale from two frames ago
-            inv_prev = 1.0 / norm
-            total += math.log(norm) + frame_max
-            prev, cur = cur, prev
-        if ok:
-            end = prev[Sb + 1] + (prev[Sb] if Sb > 1 else 0.0)
-            loglik[b] = total + math.log(end * inv_prev)
-    return loglik, flagged
-
-
-@_jit
-def posteriors(columns, num_classes, skip, state_class, num_states, input_lengths, delay, alpha, scaled, active, occupancy, write):
-    """Backward pass: beta, and ``occupancy[t, b, columns[b, u]] = gamma_t(u-th distinct label)``
-    (when ``write``) for every ``active`` item; ``columns``: the labels themselves (``occupancy``
-    is then ``(T, B, C)``, the gradient's layout) or ``0..U-1`` (compact, ``(T, B, U)``).
-
-    Returns ``(B,)`` float64, a bound on the relative error that underflow caused (see the module
-    docstring; 0 for inactive items, inf where a frame's ``z`` vanished).
-    """
-    B, T, S = alpha.shape
     error = np.zeros(B)
-    for b in numba.prange(B):
-        Sb = num_states[b]
-        Tb = input_lengths[b]
-        if not active[b] or Tb == 0:
-            continue
-        beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
-        weighted = np.zeros(Sb + 2)  # beta_t(s) y_t(s); below the band: never written, so zero
-        entering = np.zeros(Sb + 2)  # the same, times the entry weight of label states
-        into = entering if delay != 0.0 else weighted  # what transitions into s+1, s+2 carry
-        per_class = np.zeros(num_classes[b])
-        beta[Sb - 1] = 1.0
-        if Sb > 1:
-            beta[Sb - 2] = 1.0
-        for t in range(Tb - 1, -1, -1):
-            lo, hi = _band(t, Tb, Sb)
-            entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into label states at t
-            z = 0.0
-            blank_mass = 0.0
-            beta_norm = 0.0
-            alpha_norm = 0.0
-            for s in range(lo, hi):
-                u = state_class[b, s]
-                a = alpha[b, t, s]
-                ab = a * beta[s]
-                if s & 1:
-                    per_class[u] += ab
-                else:  # blank: a register, not a store-to-load chain through per_class[blank]
-                    blank_mass += ab
-                z += ab
-                alpha_norm += a
-                beta_norm += beta[s]
-                w = beta[s] * scaled[b, t, u]
-                weighted[s] = w
-                if delay != 0.0:
-                    entering[s] = w * entry if s & 1 else w
-            if z == 0.0:
-                error[b] = np.inf
-                break
-            # every stored variable may have lost up to TINY (absolute, in its frame's scale)
-            error[b] += TINY * (alpha_norm + beta_norm) / z
-            inv_z = 1.0 / z
-            per_class[state_class[b, 0]] = blank_mass
-            for u in range(num_classes[b]):
-                if write:
-                    occupancy[t, b, columns[b, u]] = per_class[u] * inv_z
-                per_class[u] = 0.0
-            if t == 0:
-                break
-            # beta_{t-1}(s) = sum over successors s' of beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
-            inv = 1.0 / beta_norm
-            plo, phi = _band(t - 1, Tb, Sb)
-            for s in range(plo, phi):
-                beta[s] = (weighted[s] + into[s + 1] + skip[b, s + 2] * into[s + 2]) * inv
-    return error
+    for thread in numba.prange(threads):
+        for b in range(thread, B, threads):
+            Sb, Tb = num_states[b], input_lengths[b]
+            ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled[thread], alpha[thread])
+            loglik[b] = ll
+            if ll > -np.inf and Tb > 0 and (need_grad or flagged):
+                error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha[thread], scaled[thread], occupancy, need_grad)
+    return loglik, error
+
+
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

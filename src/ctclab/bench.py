@@ -88,27 +88,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_impl(fn: Callable, inputs, device: str, repeats: int, warmup: int) -> tuple[float, float, float]:
-    """Median fwd, bwd, fwd+bwd ms of the loss alone: ``log_probs`` (a log_softmax computed
+def _time_impls(fns: dict[str, Callable], inputs, device: str, repeats: int, warmup: int) -> dict[str, tuple[float, float, float]]:
+    """Median fwd, bwd, fwd+bwd ms of each loss alone, round-robin: every repeat runs each
+    implementation once in turn, so that a machine whose speed drifts (shared or throttled CPUs)
+    slows them alike and their ratios stay meaningful. ``log_probs`` (a log_softmax computed
     beforehand, identical for every implementation) is the leaf the gradient is taken for."""
     logits, targets, il, tl = inputs
     log_probs = logits.log_softmax(-1)
-    fwd, bwd, total = [], [], []
+    times: dict[str, tuple[list, list, list]] = {name: ([], [], []) for name in fns}
     for i in range(warmup + repeats):
-        x = log_probs.detach().requires_grad_(True)
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = fn(x, targets, il, tl)
-        _sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        _sync(device)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            total.append(t2 - t0)
-    return tuple(statistics.median(v) * 1e3 for v in (fwd, bwd, total))  # type: ignore[return-value]
+        for name, fn in fns.items():
+            x = log_probs.detach().requires_grad_(True)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = fn(x, targets, il, tl)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                fwd, bwd, total = times[name]
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+                total.append(t2 - t0)
+    return {name: tuple(statistics.median(v) * 1e3 for v in lists) for name, lists in times.items()}  # type: ignore[misc]
 
 
 def _loss_and_grad(fn: Callable, inputs):
@@ -149,10 +153,10 @@ def _peak_memory_mb(impl: str, shape, device: str, dtype: str) -> float:
     blocks are mmap'd (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the resident set."""
     if device.startswith("cuda"):
         inputs = make_inputs(*shape, device=device, dtype=getattr(torch, dtype))
-        _time_impl(IMPLS[impl], inputs, device, 1, 1)
+        _time_impls({impl: IMPLS[impl]}, inputs, device, 1, 1)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _time_impl(IMPLS[impl], inputs, device, 1, 0)
+        _time_impls({impl: IMPLS[impl]}, inputs, device, 1, 0)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     code = f"""
 import gc, torch
@@ -160,13 +164,13 @@ from ctclab import bench
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
 inputs = bench.make_inputs(*{tuple(shape)!r}, dtype=torch.{dtype})
-bench._time_impl(bench.IMPLS[{impl!r}], inputs, 'cpu', 1, 0)
+bench._time_impls({{{impl!r}: bench.IMPLS[{impl!r}]}}, inputs, 'cpu', 1, 0)
 import ctclab._fused
 ctclab._fused._scratch.__dict__.clear()  # count the kernels' reusable scratch too
 gc.collect()
 before = status('VmRSS:')
 open('/proc/self/clear_refs', 'w').write('5')
-bench._time_impl(bench.IMPLS[{impl!r}], inputs, 'cpu', 1, 0)
+bench._time_impls({{{impl!r}: bench.IMPLS[{impl!r}]}}, inputs, 'cpu', 1, 0)
 print(status('VmHWM:') - before)
 """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -192,13 +196,13 @@ def run(
     for shape in shapes:
         inputs = make_inputs(*shape, device=device, dtype=getattr(torch, dtype))
         result = ShapeResult(*shape, device=device, dtype=dtype, repeats=repeats)
-        for name in impls:
-            if progress:
-                progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: timing {name}")
-            fn = IMPLS[name]
-            if name == "builtin" and dtype in ("float16", "bfloat16"):
-                fn = lambda lp, *a, **k: F.ctc_loss(lp.float(), *a, **k)  # noqa: E731 (the built-in rejects half)
-            res = ImplResult(name, *_time_impl(fn, inputs, device, repeats, warmup))
+        fns = {name: IMPLS[name] for name in impls}
+        if "builtin" in fns and dtype in ("float16", "bfloat16"):
+            fns["builtin"] = lambda lp, *a, **k: F.ctc_loss(lp.float(), *a, **k)  # the built-in rejects half
+        if progress:
+            progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: timing {', '.join(impls)} (round-robin)")
+        for name, medians in _time_impls(fns, inputs, device, repeats, warmup).items():
+            res = ImplResult(name, *medians)
             if memory:
                 res.peak_mb = _peak_memory_mb(name, shape, device, dtype)
             result.impls.append(res)

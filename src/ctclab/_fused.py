@@ -67,6 +67,8 @@ class _KernelState:
     mass to underflow run the backward check."""
 
     def __init__(self, trellis: CTCTrellis, log_probs: Tensor, need_grad: bool):
+        import numba
+
         from . import _kernels
 
         labels = trellis.labels
@@ -89,7 +91,7 @@ class _KernelState:
         shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
         self.occupancy = torch.zeros(shape, dtype=self.lp.dtype)
         self.classes = classes
-        threads = _kernels.numba.get_num_threads()
+        threads = numba.get_num_threads()
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
         loglik, error = map(torch.from_numpy, _kernels.forward_backward(

@@ -311,19 +311,25 @@ class BeamSearchDecoder:
                         for i in order.tolist()])
         return out
 
-    def _words(self, tokens: tuple[int, ...]) -> list[str]:
-        """The words of a token sequence (the whole text as one word without delimiters)."""
+    def _word_groups(self, items, token=lambda item: item) -> list[list]:
+        """``items`` (tokens, or spans with ``token(span)`` their token) grouped into words: a
+        delimiter ends a word and is dropped, a BPE word-start token begins one; without either,
+        the whole sequence is one word."""
         words, current = [], []
-        for k in tokens:
+        for item in items:
+            k = token(item)
             if k == self.delimiter or (self._starts_word(k) and current):
                 if current:
-                    words.append(self._spell(current))
-                current = [] if k == self.delimiter else [k]
+                    words.append(current)
+                current = [] if k == self.delimiter else [item]
             else:
-                current.append(k)
+                current.append(item)
         if current:
-            words.append(self._spell(current))
+            words.append(current)
         return words
+
+    def _words(self, tokens: tuple[int, ...]) -> list[str]:
+        return [self._spell(word) for word in self._word_groups(tokens)]
 
     def _timings(self, log_probs: Tensor, lengths: np.ndarray, found: list[list[tuple]]) -> list[list[tuple[WordTiming, ...]]]:
         """Word frames of every hypothesis, from its best alignment (one batched
@@ -339,15 +345,8 @@ class BeamSearchDecoder:
             torch.from_numpy(lengths)[items], torch.tensor([len(x) for x in targets]), blank=self.blank, skip_infeasible=True,
         )
         for (b, i), spans in zip(which, token_spans(alignment, self.blank)):
-            words, current = [], []
-            for span in spans + [None]:
-                boundary = span is None or span.token == self.delimiter or (self._starts_word(span.token) and current)
-                if boundary and current:
-                    words.append(WordTiming(self._spell(s.token for s in current), current[0].start, current[-1].end))
-                    current = []
-                if span is not None and span.token != self.delimiter:
-                    current.append(span)
-            timings[b][i] = tuple(words)
+            timings[b][i] = tuple(WordTiming(self._spell(s.token for s in word), word[0].start, word[-1].end)
+                                  for word in self._word_groups(spans, lambda span: span.token))
         return timings
 
     def decode(self, log_probs: Tensor, input_lengths: Lengths | None = None, nbest: int = 1) -> list[list[Hypothesis]]:

@@ -48,8 +48,8 @@ _scratch = threading.local()
 
 def _workspace(name: str, shape: tuple[int, ...]) -> Tensor:
     """A float64 scratch tensor of ``shape``, reused across calls of the same thread: the kernels'
-    forward and backward variables live only during one forward, and fresh pages for tens of MB
-    each call cost as much as a third of the kernels' time (page faults)."""
+    forward variables and scaled emissions live only during one forward, and fresh pages each
+    call cost page faults."""
     numel = math.prod(shape)
     buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < numel:
@@ -62,9 +62,9 @@ class _KernelState:
     """The CPU kernels' forward-backward of a batch.
 
     The posteriors are computed at forward time when a gradient will be needed: the exactness
-    check (:func:`ctclab._kernels.forward_backward`) needs the backward variables anyway, and the
-    forward variables can then be freed. Without a gradient only items whose forward pass lost
-    mass to underflow run the backward check."""
+    check (:func:`ctclab._kernels.forward_backward`) needs the backward variables anyway, and an
+    item's forward variables then live only in its thread's scratch buffer. Without a gradient
+    only items whose forward pass lost mass to underflow run the backward check."""
 
     def __init__(self, trellis: CTCTrellis, log_probs: Tensor, need_grad: bool):
         import numba

@@ -165,6 +165,16 @@ def test_decoder_rejects_bad_input():
         BeamSearchDecoder(VOCAB, token_min_logp=1.0)
     with pytest.raises(ValueError, match="tokens"):
         decoder.score(torch.zeros(4, 5), [0, 2])
+    with pytest.raises(ValueError, match="classes"):
+        decoder.score(torch.zeros(4, 6), [2])
+    with pytest.raises(ValueError, match="nbest"):
+        decoder.decode(torch.zeros(4, 5), nbest=1.5)
+    with pytest.raises(ValueError, match="beam_width"):
+        BeamSearchDecoder(VOCAB, beam_width=2.5)
+    with pytest.raises(ValueError, match="alpha"):
+        BeamSearchDecoder(VOCAB, alpha=math.nan)
+    with pytest.raises(TypeError, match="hotwords"):
+        BeamSearchDecoder(VOCAB, hotwords="ab")
 
 
 def test_greedy_on_rows_of_minus_inf_and_ties():

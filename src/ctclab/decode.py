@@ -154,8 +154,13 @@ class BeamSearchDecoder:
         self.vocab = tuple(vocab)
         if not 0 <= blank < len(self.vocab):
             raise ValueError(f"blank must be in [0, {len(self.vocab)}), got {blank}")
-        if beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+        if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
+            raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
+        for name, value in (("alpha", alpha), ("beta", beta), ("hotword_weight", hotword_weight), ("unk_offset", unk_offset)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(hotwords, str) or any(not isinstance(w, str) for w in hotwords or ()):
+            raise TypeError("hotwords must be a list of words (strings), not a single string")
         for name, value in (("token_min_logp", token_min_logp), ("beam_prune_logp", beam_prune_logp)):
             if math.isnan(value) or value > 0:
                 raise ValueError(f"{name} must be a log-probability offset <= 0 (or -inf), got {value}")
@@ -359,8 +364,8 @@ class BeamSearchDecoder:
         T, B, C = log_probs.shape
         if C != len(self.vocab):
             raise ValueError(f"log_probs have {C} classes but the vocabulary has {len(self.vocab)} tokens")
-        if nbest < 1:
-            raise ValueError(f"nbest must be >= 1, got {nbest}")
+        if isinstance(nbest, bool) or not isinstance(nbest, int) or nbest < 1:
+            raise ValueError(f"nbest must be an int >= 1, got {nbest!r}")
         lengths = np.full(B, T, np.int64) if input_lengths is None else _lengths_tensor("input_lengths", input_lengths, torch.device("cpu")).reshape(-1).numpy().astype(np.int64)
         if len(lengths) != B or (B and (lengths.min() < 0 or lengths.max() > T)):
             raise ValueError(f"input_lengths must be (B,) = ({B},) with values in [0, {T}]")
@@ -395,6 +400,8 @@ class BeamSearchDecoder:
 
         if not isinstance(log_probs, Tensor) or not log_probs.is_floating_point() or log_probs.dim() != 2:
             raise TypeError("log_probs must be a floating tensor of shape (T, C)")
+        if log_probs.shape[1] != len(self.vocab):
+            raise ValueError(f"log_probs have {log_probs.shape[1]} classes but the vocabulary has {len(self.vocab)} tokens")
         tokens = tuple(int(k) for k in tokens)
         if any(not 0 <= k < len(self.vocab) or k == self.blank for k in tokens):
             raise ValueError(f"tokens must be non-blank indices of the vocabulary (0..{len(self.vocab) - 1}, not {self.blank})")

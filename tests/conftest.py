@@ -26,6 +26,11 @@ def random_batch(T, B, C, L, *, blank=0, seed=0, dtype=torch.float32, repeats=Fa
     return logits, targets, il, tl
 
 
-@pytest.fixture(params=["autograd", "fused"])
-def impl(request):
+@pytest.fixture(params=["autograd", "autograd-float32", "fused"])
+def impl(request, monkeypatch):
+    """The loss implementations; "autograd-float32" is the autograd path made to run its
+    recursion in float32 however small the frames (normally only large frames do)."""
+    if request.param == "autograd-float32":
+        monkeypatch.setattr("ctclab.scaled.SMALL_FRAME", 0)
+        return "autograd"
     return request.param

@@ -295,3 +295,59 @@ def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, ou
             out[s + 2] = best + log_probs[t, b, label] if s < Sb else -np.inf
             byte |= code << (2 * j)
         packed_row[g] = byte
+
+
+@_jit
+def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, tiny):
+    """:func:`ctclab.scaled.underflow_bound` for the CPU: the same bound, the backward variables
+    in float64, parallel over the batch.
+
+    Args:
+        inflows: list of ``T`` arrays ``(B, S)``, ``transition(v_{t-1})`` of the scaled forward.
+        emissions: ``(T, B, S)`` its scaled emissions (``v_t = inflows[t] * emissions[t]``).
+        skip: ``(B, S)`` bool; input_lengths, num_states: ``(B,)``.
+        tiny: the forward's dtype's smallest normal number.
+
+    Returns:
+        ``(B,)`` float64 bound (0 for items without frames, inf where a frame's ``z`` vanished).
+    """
+    TINY64 = 2.2250738585072014e-308
+    B = skip.shape[0]
+    bound = np.zeros(B)
+    for b in numba.prange(B):
+        Tb, Sb = input_lengths[b], num_states[b]
+        if Tb == 0:
+            continue
+        beta = np.zeros(Sb)
+        ahead = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb, Sb+1
+        beta[Sb - 1] = 1.0
+        if Sb > 1:
+            beta[Sb - 2] = 1.0
+        total = 0.0
+        for t in range(Tb - 1, -1, -1):
+            inflow = inflows[t]
+            mass = 0.0  # the frame's mass as the forward sums it, padding states included
+            for s in range(inflow.shape[1]):
+                mass += np.float64(inflow[b, s]) * np.float64(emissions[t, b, s])
+            z = 0.0
+            for s in range(Sb):
+                w = beta[s] * np.float64(emissions[t, b, s])
+                ahead[s] = w
+                z += np.float64(inflow[b, s]) * w
+            if z <= 0.0:
+                total = np.inf
+                break
+            norm = 0.0
+            for s in range(Sb):
+                norm += beta[s]
+            # delta_t / z_t, z_t = z / (mass * norm) the overlap of the two rescaled distributions;
+            # then the same for the backward variables' own losses (float64)
+            total += (16.0 * tiny * (1.0 + mass) * norm + 16.0 * TINY64 * (1.0 + norm) * mass) / z
+            inv = 1.0 / max(norm, 1e-300)
+            for s in range(Sb):
+                w = ahead[s] + ahead[s + 1]
+                if s + 2 < Sb and skip[b, s + 2]:
+                    w += ahead[s + 2]
+                beta[s] = w * inv
+        bound[b] = total
+    return bound

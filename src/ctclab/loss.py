@@ -3,7 +3,9 @@ r"""The CTC loss: ``ctc_loss`` and ``CTCLoss``, with the semantics of ``torch.nn
 Two implementations of the same maths, both built on :mod:`ctclab.trellis`:
 
 * ``impl='autograd'``: the forward recursion written in PyTorch (one Python loop over time,
-  vectorised over batch and states); autograd differentiates it, to any order.
+  vectorised over batch and states); autograd differentiates it, to any order. In probability
+  space with rescaling (:mod:`ctclab.scaled`), items whose underflow it cannot bound in log
+  space (:mod:`ctclab.trellis`, also the only form with a delay penalty).
 * ``impl='fused'``: an explicit forward-backward (:mod:`ctclab._fused`); the gradient is the
   posterior occupation scattered onto the classes. Fast; first derivatives only. On CPU the
   numba kernels; on CUDA (standard topology, no delay penalty) PyTorch's own CUDA kernel with
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from ._inputs import CTCBatch, Lengths, ctc_batch
 from .trellis import CTCTrellis, Topology
+from .scaled import negative_log_likelihood as scaled_nll
 from .trellis import negative_log_likelihood as trellis_nll
 
 Reduction = Literal["none", "mean", "sum"]
@@ -51,7 +54,9 @@ def negative_log_likelihood(
         # its gradient is corrected to the true one (no trellis needed)
         return builtin_cuda_nll(log_probs, batch.targets, batch.input_lengths, batch.target_lengths, batch.blank)
     trellis = CTCTrellis.build(batch, topology, delay_penalty)
-    return trellis_nll(trellis, log_probs) if impl == "autograd" else fused_nll(trellis, log_probs)
+    if impl != "autograd":
+        return fused_nll(trellis, log_probs)
+    return trellis_nll(trellis, log_probs) if delay_penalty else scaled_nll(trellis, log_probs)
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:

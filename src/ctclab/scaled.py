@@ -1,0 +1,316 @@
+r"""The CTC forward recursion in probability space with rescaling, differentiated by autograd.
+
+Graves et al. 2006 (section 4.1, eq. 9) keep the forward variables as probabilities and divide
+them by their sum as they go; the log-likelihood is the log of the final mass plus the logs of
+the divisors. No exp or log runs inside the loop over time, only a few multiply-adds per frame,
+so autograd's graph is short: this is the ``impl='autograd'`` loss (:mod:`ctclab.loss`), and any
+change to it is differentiated for free, to any order.
+
+The constants the recursion divides by (each frame's maximum score, the mass every few frames)
+are constants for autograd. That is exact, not an approximation: the computed function equals
+the log-likelihood for *every* input, whatever constants were picked, so all its derivatives are
+the true ones.
+
+What probability space cannot do is keep a variable much smaller than its frame's mass
+(``float32``: below about :math:`e^{-87}` of it). Such variables underflow; whether it matters
+depends on their future. :func:`underflow_bound` bounds the relative error this causes from the
+backward variables, as the CPU kernels do (:mod:`ctclab._kernels`): callers recompute items whose
+bound is not negligible in log space (:func:`ctclab.trellis.log_alpha`), so results are always
+those of the log-space recursion.
+
+The state graph comes from :class:`ctclab.trellis.CTCTrellis`; :func:`transition` is its
+transition matrix in the probability semiring (the log-semiring version is
+:meth:`~ctclab.trellis.CTCTrellis.predecessors`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._fused import kernels_available
+from .trellis import NEG, CTCTrellis, is_impossible
+from .trellis import negative_log_likelihood as log_space_nll
+
+#: Largest relative error from underflow (bounded by :func:`underflow_bound`) that an item may
+#: carry before it is recomputed in log space: float32's rounding level, float64's.
+MAX_UNDERFLOW_ERROR = {torch.float32: 1e-6, torch.float64: 1e-13}
+
+
+class _Transition(torch.autograd.Function):
+    """``(B, S)`` -> ``(B, S)``: ``out[s] = a[s] + a[s-1] + skip[s] * a[s-2]``. Linear, so its
+    backward is its transpose (:class:`_TransitionTransposed`), whose backward is this again:
+    derivatives of every order, three kernels each way where autograd would pad, slice and
+    zero-fill shifted copies."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, skip: Tensor) -> Tensor:
+        ctx.skip = skip  # a constant 0/1 mask
+        out = a.clone()
+        out[:, 1:] += a[:, :-1]
+        out[:, 2:].addcmul_(a[:, :-2], skip[:, 2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _TransitionTransposed.apply(grad, ctx.skip), None
+
+
+class _TransitionTransposed(torch.autograd.Function):
+    """``out[s] = g[s] + g[s+1] + skip[s+2] * g[s+2]``: the backward recursion's step."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, skip: Tensor) -> Tensor:
+        ctx.skip = skip
+        out = grad.clone()
+        out[:, :-1] += grad[:, 1:]
+        out[:, :-2].addcmul_(grad[:, 2:], skip[:, 2:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _Transition.apply(grad, ctx.skip), None
+
+
+def transition(alpha: Tensor, skip: Tensor) -> Tensor:
+    """``(B, S)`` probabilities at frame t-1 -> their sum over each state's predecessors (stay,
+    advance, skip where ``skip`` ``(B, S)`` is 1): the trellis's transition matrix applied to
+    ``alpha``, differentiable to any order."""
+    return _Transition.apply(alpha, skip)
+
+
+def transition_transposed(beta: Tensor, skip: Tensor) -> Tensor:
+    """The transpose of :func:`transition`: ``(B, S)`` scores of going on from frame t+1 ->
+    their sum over each state's successors."""
+    return _TransitionTransposed.apply(beta, skip)
+
+
+class ScaledForward:
+    """The rescaled forward recursion of a batch (see :func:`scaled_forward`).
+
+    Attributes:
+        trellis: the batch's state graph.
+        log_likelihood: ``(B,)`` differentiable log-likelihood, ``-inf`` where no path survived
+            (impossible items, or every path lost to underflow: see :meth:`certified`).
+        inflows: ``T`` tensors ``(B, S)``, ``transition(v_{t-1})`` (the start states at t = 0);
+            the forward variables are ``v_t = inflows[t] * emissions[t]``.
+        emissions: ``(T, B, S)`` each state's emission divided by its frame's maximum (1 past
+            an item's input length).
+    """
+
+    def __init__(self, trellis: CTCTrellis, log_likelihood: Tensor, inflows: list[Tensor], emissions: Tensor):
+        self.trellis = trellis
+        self.log_likelihood = log_likelihood
+        self.inflows = inflows
+        self.emissions = emissions
+
+    def certified(self) -> Tensor:
+        """``(B,)`` bool: the item's log-likelihood is that of the log-space recursion to within
+        :data:`MAX_UNDERFLOW_ERROR` (impossible items and items without frames included)."""
+        trellis = self.trellis
+        exact = ~trellis.feasible | (trellis.input_lengths == 0)
+        survived = torch.isfinite(self.log_likelihood.detach())
+        bound = underflow_bound(self)
+        return exact | (survived & (bound <= MAX_UNDERFLOW_ERROR[self.emissions.dtype]))
+
+
+def _last_frames(trellis: CTCTrellis) -> dict[int, Tensor]:
+    """Frame t -> indices of the items whose last frame it is."""
+    last = trellis.input_lengths - 1
+    return {t: (last == t).nonzero().squeeze(1) for t in sorted(set(last.tolist())) if t >= 0}
+
+
+def _state_emissions(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(T, B, S)`` emissions in ``dtype`` divided by each frame's maximum, and ``(T, B)`` the
+    maximum's log (a constant for autograd). Items past their input length get 1, whatever
+    padding holds (NaN included). ``exp`` runs over the classes when there are fewer classes
+    than states, else over the states (and only they are converted to ``dtype``)."""
+    T, B, C = log_probs.shape
+    labels = trellis.labels
+    S = labels.shape[1]
+    inside = (torch.arange(T, device=log_probs.device)[:, None] < trellis.input_lengths[None, :])[..., None]
+    index = labels.expand(T, B, S)
+    ragged = not bool(inside.all())
+    scores = (log_probs if C <= S else log_probs.gather(2, index)).to(dtype)
+    if ragged:
+        scores = torch.where(inside, scores, 0.0)
+    shift = scores.detach().amax(2, keepdim=True).clamp_(min=NEG)
+    emissions = (scores - shift).exp()
+    if C <= S:
+        emissions = emissions.gather(2, index)
+    return emissions, shift.squeeze(2)
+
+
+def _normalise_every(emissions: Tensor) -> int:
+    """How many frames may pass between two divisions by the mass: the mass can shrink per frame
+    by the smallest emission (and grow at most 3-fold); a fall of up to ``e^-20`` between
+    divisions costs the underflow bound nothing."""
+    smallest = float(emissions.detach().amin()) if emissions.numel() else 1.0
+    spread = -math.log(smallest) if smallest > 0 else math.inf
+    return 3 if spread <= 7 else 2 if spread <= 10 else 1
+
+
+def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | None = None) -> ScaledForward:
+    r"""Forward variables in probability space, rescaled (Graves et al. 2006, eq. 9),
+    differentiable by autograd (double backward included).
+
+    :math:`v_t = \text{transition}(v_{t-1}) \odot y_t`, with :math:`y_t(s)` the emission of
+    state s divided by the frame's maximum :math:`e^{m_t}`, and every few frames (as the
+    emissions' spread allows) :math:`v_t` divided by its sum :math:`c_t`; both :math:`m_t` and
+    :math:`c_t` are constants for autograd. :math:`\log p(l|x) = \sum_{t < T_b} m_t +
+    \sum_{\text{divisions at } t < T_b} \log c_t + \log \sum_{s \in \text{final}} v_{T_b-1}(s)`.
+
+    Args:
+        trellis: the batch's state graph (no delay penalty).
+        log_probs: ``(T, B, C)`` log-scores.
+        dtype: float32 or float64, the recursion's dtype (default: that of ``log_probs``).
+
+    Returns:
+        A :class:`ScaledForward`; check :meth:`ScaledForward.certified` before trusting an item.
+    """
+    if trellis.delay_penalty:
+        raise ValueError("scaled_forward does not implement the delay penalty; use ctclab.trellis.log_alpha")
+    T, B, C = log_probs.shape
+    dtype = dtype or log_probs.dtype
+    device = log_probs.device
+    S = trellis.labels.shape[1]
+    states = torch.arange(S, device=device)
+    start = ((states == 0) | ((states == 1) & (trellis.target_lengths[:, None] > 0))).to(dtype)
+    no_frames = torch.where(trellis.target_lengths == 0, 0.0, -torch.inf).to(dtype)
+    if T == 0:
+        return ScaledForward(trellis, no_frames, [], torch.zeros(0, B, S, dtype=dtype, device=device))
+    emissions, shift = _state_emissions(trellis, log_probs, dtype)
+    every = _normalise_every(emissions)
+    skip = trellis.skip.to(dtype)
+    accepting = trellis.final_states().to(dtype)
+    ends = _last_frames(trellis)
+    tiny = torch.finfo(dtype).tiny
+    inflows, finals, divisors = [], [], []
+    alpha = start
+    for t, emission in enumerate(emissions.unbind(0)):  # one backward node for all frames
+        inflow = transition(alpha, skip) if t else start
+        alpha = inflow * emission
+        if t % every == every - 1:
+            mass = alpha.detach().sum(1, keepdim=True).clamp_(min=tiny)
+            alpha = alpha * mass.reciprocal()
+            divisors.append(mass.squeeze(1))
+        if t in ends:
+            items = ends[t]
+            finals.append((alpha[items] * accepting[items]).sum(1))
+        inflows.append(inflow)
+    # the constants' logs, summed in float64 (hundreds of terms)
+    frames = torch.arange(T, device=device)[:, None]
+    log_scale = torch.where(frames < trellis.input_lengths, shift.double(), 0.0).sum(0)
+    if divisors:
+        at = frames[every - 1 :: every]
+        log_scale += torch.where(at < trellis.input_lengths, torch.stack(divisors).double().log(), 0.0).sum(0)
+    final = torch.zeros(B, dtype=dtype, device=device)
+    if finals:
+        final = final.index_put((torch.cat(list(ends.values())),), torch.cat(finals))
+    survived = final > 0
+    ll = torch.where(survived, torch.where(survived, final, 1.0).log() + log_scale.to(dtype), -torch.inf)
+    ll = torch.where(trellis.input_lengths == 0, no_frames, ll)
+    return ScaledForward(trellis, ll, inflows, emissions)
+
+
+@torch.no_grad()
+def underflow_bound(forward: ScaledForward) -> Tensor:
+    r"""``(B,)`` bound on the relative error that underflow caused in :func:`scaled_forward`'s
+    likelihood (and, up to a factor 2, in every posterior).
+
+    A forward variable of frame t loses at most :math:`\delta_t = 16\,\text{tiny}\,(1 + 1/c_t)`
+    to underflow relative to its frame's mass :math:`c_t = \sum_s v_t(s)` (a few sums and products
+    of numbers below 3 flushing at ``tiny``, then perhaps the division by :math:`c_t`). A loss
+    :math:`\delta` in state s changes the likelihood by at most :math:`\delta\,\hat\beta_t(s)/z_t`
+    relative, with :math:`\hat\beta_t` the backward variables rescaled to sum 1 and
+    :math:`z_t = \sum_s \hat v_t(s) \hat\beta_t(s)` (:math:`\hat v_t = v_t / c_t`); the bound is
+    :math:`\sum_{t < T_b} \delta_t / z_t`, plus the same for the backward variables' own losses
+    (as in :mod:`ctclab._kernels`); ``inf`` where some :math:`z_t` vanished. On CPU a numba kernel
+    runs the backward variables in float64; :func:`reference_underflow_bound` is the same in
+    PyTorch, on any device, in the forward's dtype.
+    """
+    if forward.emissions.device.type == "cpu" and kernels_available():
+        import numba
+
+        from . import _kernels
+
+        trellis = forward.trellis
+        return torch.from_numpy(_kernels.scaled_underflow_bound(
+            numba.typed.List([x.detach().numpy() for x in forward.inflows]), forward.emissions.detach().numpy(),
+            trellis.skip.numpy(), trellis.input_lengths.numpy(), trellis.num_states.numpy(),
+            torch.finfo(forward.emissions.dtype).tiny,
+        ))
+    return reference_underflow_bound(forward)
+
+
+@torch.no_grad()
+def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`underflow_bound` in PyTorch, on any device: the reference of the CPU kernel, its
+    backward variables in ``dtype`` (default: the forward's)."""
+    trellis = forward.trellis
+    tiny_forward = torch.finfo(forward.emissions.dtype).tiny
+    dtype = dtype or forward.emissions.dtype
+    emissions = forward.emissions.detach().to(dtype)
+    T, B, S = emissions.shape
+    tiny = torch.finfo(dtype).tiny
+    skip = trellis.skip.to(dtype)[:, 2:]
+    accepting = trellis.final_states().to(dtype)
+    accepting /= accepting.sum(1, keepdim=True).clamp(min=1)
+    ends = _last_frames(trellis)
+    # no autograd here: two (B, S) buffers for the whole pass, every step in place
+    beta = accepting.clone()
+    ahead = torch.empty_like(beta)
+    beta_scale = torch.ones(B, 1, dtype=dtype, device=beta.device)
+    terms = []
+    for t in range(T - 1, -1, -1):
+        if t in ends:
+            beta[ends[t]] = accepting[ends[t]]
+            beta_scale[ends[t]] = 1.0
+        inflow = forward.inflows[t].detach().to(dtype)
+        mass = torch.linalg.vecdot(inflow, emissions[t])  # c_t
+        torch.mul(emissions[t], beta, out=ahead).mul_(beta_scale)  # beta_t(s) y_t(s), beta_t rescaled
+        overlap = torch.linalg.vecdot(inflow, ahead) / mass  # z_t
+        losses = 16 * tiny_forward * (1 + 1 / mass) + 16 * tiny * (1 + beta_scale.squeeze(1))
+        terms.append(torch.where(overlap > 0, losses / overlap, torch.inf))
+        beta.copy_(ahead)  # beta_{t-1} = transition_transposed(ahead), in place
+        beta[:, :-1] += ahead[:, 1:]
+        beta[:, :-2].addcmul_(ahead[:, 2:], skip)
+        beta_scale = beta.sum(1, keepdim=True).clamp_(min=tiny).reciprocal_()
+    inside = torch.arange(T, device=emissions.device)[:, None] < trellis.input_lengths[None, :]
+    return torch.where(inside, torch.stack(terms[::-1]), 0.0).sum(0)
+
+
+#: Below this many states per frame (batch x states) the recursion's cost is per operation, not
+#: per number, and float64 (which rarely underflows) costs no more than float32.
+SMALL_FRAME = 16384
+
+
+def negative_log_likelihood(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
+    """``(B,)`` CTC loss by :func:`scaled_forward`, differentiable by autograd to any order,
+    ``inf`` for items without any path.
+
+    float32 scores run in float32 when the frames are large, items that :meth:`ScaledForward.certified`
+    cannot vouch for again in float64; items float64 cannot vouch for either are recomputed in
+    log space (:func:`ctclab.trellis.negative_log_likelihood`)."""
+    B, S = trellis.labels.shape
+    dtype = log_probs.dtype
+    work = torch.float64 if B * S <= SMALL_FRAME else dtype
+    nll, redo = _certified_nll(trellis, log_probs, work)
+    if work != torch.float64 and bool(redo.any()):
+        items = redo.nonzero().squeeze(1)
+        retried, still = _certified_nll(trellis.select(items), log_probs[:, items], torch.float64)
+        nll = nll.index_put((items,), retried.to(work))
+        redo = redo.index_put((items,), still)
+    if bool(redo.any()):
+        items = redo.nonzero().squeeze(1)
+        nll = nll.index_put((items,), log_space_nll(trellis.select(items), log_probs[:, items]).to(work))
+    return nll.to(dtype)
+
+
+def _certified_nll(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(B,)`` NLL by :func:`scaled_forward` in ``dtype`` and ``(B,)`` bool, the items it cannot
+    vouch for."""
+    forward = scaled_forward(trellis, log_probs, dtype)
+    ll = forward.log_likelihood
+    return torch.where(is_impossible(ll), torch.inf, -ll), ~forward.certified()

@@ -1,0 +1,132 @@
+"""The probability-space recursion behind impl='autograd' (ctclab.scaled): its transition operator,
+its underflow bound (CPU kernel against the PyTorch reference) and the fallbacks that keep its
+results those of the log-space recursion however extreme the scores."""
+import pytest
+import torch
+from conftest import random_batch
+
+from ctclab import scaled
+from ctclab._inputs import ctc_batch
+from ctclab.trellis import CTCTrellis
+from ctclab.trellis import negative_log_likelihood as log_space_nll
+
+
+def trellis_of(log_probs, targets, il, tl):
+    return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0))
+
+
+def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
+    b = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
+    skip = (torch.rand(3, 7, generator=g) > 0.5).double()
+    lhs = (scaled.transition(a, skip) * b).sum()
+    rhs = (a * scaled.transition_transposed(b, skip)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    # against the definition, state by state
+    dense = torch.zeros(3, 7, 7, dtype=torch.float64)
+    for s in range(7):
+        dense[:, s, s] = 1
+        if s >= 1:
+            dense[:, s, s - 1] = 1
+        if s >= 2:
+            dense[:, s, s - 2] = skip[:, s]
+    torch.testing.assert_close(scaled.transition(a, skip), torch.einsum("bst,bt->bs", dense, a))
+    assert torch.autograd.gradgradcheck(lambda x: scaled.transition(x, skip) ** 2, (a,))
+    assert torch.autograd.gradgradcheck(lambda x: scaled.transition_transposed(x, skip) ** 2, (b,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C", [5, 40])  # fewer classes than states, and more
+def test_kernel_bound_equals_the_pytorch_reference(dtype, C):
+    logits, targets, il, tl = random_batch(60, 5, C, 8, seed=C, repeats=True)
+    lp = logits.log_softmax(-1).to(dtype)
+    forward = scaled.scaled_forward(trellis_of(lp, targets, il, tl), lp)
+    kernel = scaled.underflow_bound(forward)
+    reference = scaled.reference_underflow_bound(forward, torch.float64)  # float64 backward, like the kernel
+    assert (kernel > 0).all() and torch.isfinite(kernel).all()
+    torch.testing.assert_close(kernel, reference, rtol=1e-5, atol=0)  # float64 bounds lie near subnormals
+    # in the forward's own dtype the reference also counts its backward variables' losses: larger
+    assert (scaled.reference_underflow_bound(forward) >= kernel * (1 - 1e-6)).all()
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 7])
+def test_loss_does_not_depend_on_how_often_the_mass_is_divided(monkeypatch, every):
+    logits, targets, il, tl = random_batch(40, 4, 6, 10, seed=5)
+    lp = logits.log_softmax(-1).double().requires_grad_(True)
+    trellis = trellis_of(lp, targets, il, tl)
+    expected = log_space_nll(trellis, lp)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), lp)
+    monkeypatch.setattr(scaled, "_normalise_every", lambda emissions: every)
+    forward = scaled.scaled_forward(trellis, lp)
+    assert forward.certified().all()
+    (grad,) = torch.autograd.grad(-forward.log_likelihood.sum(), lp)
+    torch.testing.assert_close(-forward.log_likelihood, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_the_bound_covers_the_float32_error_on_long_utterances():
+    """Long random utterances: the forward and backward masses drift far apart, float32 loses what
+    matters for some items. Every item the bound certifies is within it (plus rounding) of the
+    exact float64 log-space value; those it does not certify are the ones with real errors."""
+    logits, targets, il, tl = random_batch(400, 6, 8, 120, seed=21)
+    lp = logits.log_softmax(-1)
+    trellis = trellis_of(lp, targets, il, tl)
+    forward = scaled.scaled_forward(trellis, lp)
+    exact = log_space_nll(trellis, lp.double())
+    certified = forward.certified()
+    bound = scaled.underflow_bound(forward)
+    relative = (-forward.log_likelihood.double() - exact).abs()  # error of a log = relative error
+    rounding = 1e-6 * exact.abs()
+    assert not certified.all() and certified.any()
+    assert (relative[certified] <= bound[certified] + rounding[certified]).all()
+
+
+def test_uncertified_items_are_redone_in_float64_then_log_space(monkeypatch):
+    logits, targets, il, tl = random_batch(400, 6, 8, 120, seed=21)
+    lp = logits.log_softmax(-1).requires_grad_(True)
+    trellis = trellis_of(lp, targets, il, tl)
+    monkeypatch.setattr(scaled, "SMALL_FRAME", 0)  # float32 first, as for large frames
+    calls = []
+    certified_nll = scaled._certified_nll
+
+    def spy(trellis, log_probs, dtype):
+        calls.append((dtype, trellis.labels.shape[0]))
+        return certified_nll(trellis, log_probs, dtype)
+
+    monkeypatch.setattr(scaled, "_certified_nll", spy)
+    nll = scaled.negative_log_likelihood(trellis, lp)
+    assert calls[0] == (torch.float32, 6) and calls[1][0] == torch.float64 and 0 < calls[1][1] < 6
+    assert nll.dtype == torch.float32
+    exact = log_space_nll(trellis, lp.double())
+    torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(nll.sum(), lp)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), lp)
+    torch.testing.assert_close(grad.double(), exact_grad.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_scores_beyond_float64s_range_fall_back_to_log_space(monkeypatch):
+    """Logits scaled by 150: within a frame the scores span hundreds of nats, beyond what float64
+    probabilities hold. Some items keep a finite but untrustworthy probability-space likelihood;
+    the bound sends them to log space, and results stay those of the log-space recursion."""
+    logits, targets, il, tl = random_batch(30, 6, 5, 8, seed=3)
+    lp = (150 * logits).log_softmax(-1).double().requires_grad_(True)
+    trellis = trellis_of(lp, targets, il, tl)
+    forward = scaled.scaled_forward(trellis, lp)
+    assert (torch.isfinite(forward.log_likelihood) & ~forward.certified()).any()
+    fallbacks = []
+    monkeypatch.setattr(scaled, "log_space_nll", lambda tr, x: fallbacks.append(tr.labels.shape[0]) or log_space_nll(tr, x))
+    nll = scaled.negative_log_likelihood(trellis, lp)
+    assert fallbacks and fallbacks[0] < 6  # some items, not all
+    exact = log_space_nll(trellis, lp)
+    torch.testing.assert_close(nll, exact, rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(nll.sum(), lp)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), lp)
+    torch.testing.assert_close(grad, exact_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_delay_penalty_is_refused_with_a_pointer_to_log_space():
+    logits, targets, il, tl = random_batch(10, 2, 4, 3, seed=1)
+    batch = ctc_batch(logits.log_softmax(-1), targets, il, tl, 0)
+    with pytest.raises(ValueError, match="log_alpha"):
+        scaled.scaled_forward(CTCTrellis.build(batch, delay_penalty=0.1), batch.log_probs)

@@ -89,7 +89,7 @@ class _KernelState:
         self.compact = C > 2 * U
         columns = torch.arange(U).expand(B, U).contiguous() if self.compact else classes
         shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
-        self.occupancy = torch.zeros(shape, dtype=self.lp.dtype)
+        self.occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
         self.classes = classes
         threads = numba.get_num_threads()
         scaled = _workspace("scaled", (threads, T, max(U, 1)))

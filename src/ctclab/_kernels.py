@@ -139,6 +139,8 @@ def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha
         error += TINY * (alpha_norm + beta_norm) / z
         inv_z = 1.0 / z
         per_class[state_class[b, 0]] = blank_mass
+        if write:
+            occupancy[t, b, :] = 0.0  # columns of absent classes
         for u in range(num_classes[b]):
             if write:
                 occupancy[t, b, columns[b, u]] = per_class[u] * inv_z
@@ -172,7 +174,8 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
         num_states: ``(B,)`` 2L+1; input_lengths: ``(B,)``.
         delay: delay penalty ``lam``: entering a label state at frame t is weighted by
             ``exp(-lam * (t - T_b / 2))`` (0: plain CTC).
-        need_grad: write the posteriors; otherwise the backward pass runs only where the
+        need_grad: write the posteriors (every entry of ``occupancy``, which may come
+            uninitialised: zero where there are none); otherwise the backward pass runs only where the
             forward pass lost mass to underflow, for the error bound.
         alpha, scaled: ``(threads, T, S)`` and ``(threads, T, U)`` float64 scratch: forward
             variables up to a per-frame scale (band only), ``exp(log_prob - frame max)`` of each
@@ -191,8 +194,13 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
             Sb, Tb = num_states[b], input_lengths[b]
             ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled[thread], alpha[thread])
             loglik[b] = ll
-            if ll > -np.inf and Tb > 0 and (need_grad or flagged):
+            ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
+            if ran:
                 error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha[thread], scaled[thread], occupancy, need_grad)
+            if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
+                complete = ran and error[b] < np.inf
+                for t in range(Tb if complete else 0, occupancy.shape[0]):
+                    occupancy[t, b, :] = 0.0
     return loglik, error
 
 

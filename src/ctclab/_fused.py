@@ -67,38 +67,23 @@ class _KernelState:
     only items whose forward pass lost mass to underflow run the backward check."""
 
     def __init__(self, trellis: CTCTrellis, log_probs: Tensor, need_grad: bool):
-        import numba
-
-        from . import _kernels
-
         labels = trellis.labels
-        B, S = labels.shape
+        B = labels.shape[0]
         C = log_probs.shape[2]
         present = torch.zeros(B, C, dtype=torch.bool).scatter_(1, labels, True)
-        num_classes = present.sum(1)
-        U = int(num_classes.max()) if B else 0
-        classes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U].contiguous()
-        state_class = (present.cumsum(1) - 1).gather(1, labels).contiguous()
-        skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
+        self.num_classes = present.sum(1)
+        U = int(self.num_classes.max()) if B else 0
+        self.classes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U].contiguous()
+        self.state_class = (present.cumsum(1) - 1).gather(1, labels).contiguous()
+        self.skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
-        T = self.lp.shape[0]
+        self.trellis = trellis
         # the kernel writes the posteriors straight into the gradient's layout (T, B, C) when the
         # vocabulary is small (backward: one multiplication), else compactly, (T, B, U), scattered
         # onto the classes in backward (a (T, B, C) buffer held from forward to backward would
         # double the loss's memory for vocabularies of thousands)
         self.compact = C > 2 * U
-        columns = torch.arange(U).expand(B, U).contiguous() if self.compact else classes
-        shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
-        self.occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
-        self.classes = classes
-        threads = numba.get_num_threads()
-        scaled = _workspace("scaled", (threads, T, max(U, 1)))
-        alpha = _workspace("alpha", (threads, T, S))
-        loglik, error = map(torch.from_numpy, _kernels.forward_backward(
-            self.lp.numpy(), classes.numpy(), columns.numpy(), num_classes.numpy(), skip.numpy(), state_class.numpy(),
-            trellis.num_states.numpy(), trellis.input_lengths.numpy(), float(trellis.delay_penalty), need_grad,
-            self.occupancy.numpy(), alpha.numpy(), scaled.numpy(),
-        ))
+        loglik, error, self.occupancy = self._run(need_grad)
         possible = torch.isfinite(loglik)
         # a vanished score with a path, or underflow that may matter: log space
         self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
@@ -106,11 +91,38 @@ class _KernelState:
         if bool(self.redo.any()):
             nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])
         self.nll = nll
-        self.trellis = trellis
+
+    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods, error bounds and (with ``need_grad``) posteriors."""
+        import numba
+
+        from . import _kernels
+
+        trellis = self.trellis
+        T, B, C = self.lp.shape
+        S = trellis.labels.shape[1]
+        U = self.classes.shape[1]
+        columns = torch.arange(U).expand(B, U).contiguous() if self.compact else self.classes
+        shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
+        occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
+        threads = numba.get_num_threads()
+        scaled = _workspace("scaled", (threads, T, max(U, 1)))
+        alpha = _workspace("alpha", (threads, T, S))
+        loglik, error = map(torch.from_numpy, _kernels.forward_backward(
+            self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.skip.numpy(),
+            self.state_class.numpy(), trellis.num_states.numpy(), trellis.input_lengths.numpy(),
+            float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+        ))
+        return loglik, error, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:
+        """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
+        becomes the gradient (scaled in place, no copy); a second backward through a retained
+        graph recomputes them."""
+        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
+        self.occupancy = None  # handed out: autograd may keep it as the .grad
         scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)[None, :, None]
-        grad = self.occupancy * scale
+        grad = occupancy.mul_(scale)
         if self.compact:
             T = self.lp.shape[0]
             grad = torch.zeros_like(self.lp).scatter_(2, self.classes.unsqueeze(0).expand(T, -1, -1), grad)

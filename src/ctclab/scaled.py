@@ -143,12 +143,13 @@ def _state_emissions(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype)
 
 
 def _normalise_every(emissions: Tensor) -> int:
-    """How many frames may pass between two divisions by the mass: the mass can shrink per frame
-    by the smallest emission (and grow at most 3-fold); a fall of up to ``e^-20`` between
-    divisions costs the underflow bound nothing."""
+    """How many frames may pass between two divisions by the mass (1 to 4): per frame the mass
+    can shrink by at most the smallest emission (and grow at most 3-fold); the frames between
+    two divisions may lose up to ``e^-20`` of the dtype's range, which costs the underflow
+    bound nothing."""
     smallest = float(emissions.detach().amin()) if emissions.numel() else 1.0
     spread = -math.log(smallest) if smallest > 0 else math.inf
-    return 3 if spread <= 7 else 2 if spread <= 10 else 1
+    return 1 + min(3, int(20 / spread)) if spread > 0 else 4
 
 
 def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | None = None) -> ScaledForward:

@@ -100,3 +100,17 @@ def test_fused_backward_twice_through_a_retained_graph():
     (second,) = torch.autograd.grad(loss, z, grad_outputs=torch.tensor(3.0))
     assert torch.equal(first, kept) and second.data_ptr() != first.data_ptr()
     torch.testing.assert_close(second, 3 * kept)
+
+
+def test_kernel_exp_matches_libm_to_double_precision():
+    np = pytest.importorskip("numpy")
+    from ctclab._kernels import exp_nonpositive
+
+    d = -np.concatenate([np.random.default_rng(0).exponential(30.0, 10000), np.linspace(0, 707.9, 1000)])
+    d = np.concatenate([d, [-np.inf, -708.5, -800.0, -1e300, 0.0, -0.0, -1e-300]])
+    out = np.empty_like(d)
+    exp_nonpositive(d, out, np.empty(d.shape[0], dtype=np.int64))
+    expected = np.exp(d)
+    normal = expected >= np.finfo(np.float64).tiny
+    assert np.max(np.abs(out[normal] - expected[normal]) / expected[normal]) < 1e-15
+    assert (out[~normal] == 0).all() and (expected[~normal] < 1e-307).all()  # flushed below e^-708

@@ -1,8 +1,9 @@
 r"""The CTC trellis: blank-extended targets and the transitions between their states.
 
 Written once and shared by everything in ctclab: the loss is the trellis's log-sum-exp
-recursion, the Viterbi alignment its max recursion, the alignment targets its forward times
-backward. A CTC variant is a change here (topology, transition weights) or to the emissions,
+recursion (here, the reference) or its sum-product recursion in probability space
+(:mod:`ctclab.scaled`, the autograd loss), the Viterbi alignment its max recursion, the
+alignment targets its forward times backward. A CTC variant is a change here (topology, transition weights) or to the emissions,
 never a new copy of the loop.
 
 For a target :math:`l = (l_1, \dots, l_L)` the extended sequence is

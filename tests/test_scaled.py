@@ -130,3 +130,37 @@ def test_delay_penalty_is_refused_with_a_pointer_to_log_space():
     batch = ctc_batch(logits.log_softmax(-1), targets, il, tl, 0)
     with pytest.raises(ValueError, match="log_alpha"):
         scaled.scaled_forward(CTCTrellis.build(batch, delay_penalty=0.1), batch.log_probs)
+
+
+def test_without_the_cpu_kernel_the_pytorch_bound_gives_the_same_results(monkeypatch):
+    """What other devices run: the bound in PyTorch (in the forward's dtype, more conservative)."""
+    logits, targets, il, tl = random_batch(400, 6, 8, 120, seed=21)
+    lp = logits.log_softmax(-1).requires_grad_(True)
+    trellis = trellis_of(lp, targets, il, tl)
+    with_kernel = scaled.negative_log_likelihood(trellis, lp)
+    monkeypatch.setattr(scaled, "kernels_available", lambda: False)
+    monkeypatch.setattr(scaled, "SMALL_FRAME", 0)
+    forward = scaled.scaled_forward(trellis, lp)
+    torch.testing.assert_close(scaled.underflow_bound(forward), scaled.reference_underflow_bound(forward))
+    without = scaled.negative_log_likelihood(trellis, lp)
+    torch.testing.assert_close(without, with_kernel, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(without.sum(), lp)
+    (expected,) = torch.autograd.grad(log_space_nll(trellis, lp.double()).sum(), lp)
+    torch.testing.assert_close(grad.double(), expected.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_second_derivatives_across_the_log_space_fallback():
+    """Item 0 falls back to log space, items 1-2 stay in probability space: the stitched loss
+    still has exact first and second derivatives."""
+    logits, targets, il, tl = random_batch(8, 3, 4, 3, seed=0, dtype=torch.float64)
+    lp = (200 * logits).log_softmax(-1)
+    forward = scaled.scaled_forward(trellis_of(lp, targets, il, tl), lp)
+    assert forward.certified().tolist() == [False, True, True]
+    x = (lp / 200).detach().requires_grad_(True)  # gradcheck's finite differences need moderate scores
+
+    def f(z):
+        scores = 200 * z
+        return scaled.negative_log_likelihood(trellis_of(scores, targets, il, tl), scores)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))

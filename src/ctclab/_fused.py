@@ -119,13 +119,18 @@ class _KernelState:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
         becomes the gradient (scaled in place, no copy); a second backward through a retained
         graph recomputes them."""
+        from . import _kernels
+
         occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
-        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)[None, :, None]
-        grad = occupancy.mul_(scale)
+        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
         if self.compact:
-            T = self.lp.shape[0]
-            grad = torch.zeros_like(self.lp).scatter_(2, self.classes.unsqueeze(0).expand(T, -1, -1), grad)
+            grad = torch.empty_like(self.lp)
+            _kernels.scatter_posteriors(
+                occupancy.numpy(), self.classes.numpy(), self.num_classes.numpy(), scale.numpy(), grad.numpy()
+            )
+        else:
+            grad = occupancy.mul_(scale[None, :, None])
         redo = self.redo & (grad_nll != 0)
         if bool(redo.any()):
             sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])

@@ -397,3 +397,24 @@ def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, 
                 beta[s] = w * inv
         bound[b] = total
     return bound
+
+
+@_jit
+def scatter_posteriors(compact, classes, num_classes, scale, out):
+    """The gradient from compact posteriors: ``out[t, b, classes[b, u]] = compact[t, b, u] *
+    scale[b]``, 0 elsewhere; every entry of ``out`` (which may come uninitialised) written
+    once, in parallel over frames (a zero-fill then a scatter would write it twice, the first
+    time on one thread).
+
+    Args:
+        compact: ``(T, B, U)``; classes: ``(B, U)`` int64, num_classes: ``(B,)``;
+        scale: ``(B,)``; out: ``(T, B, C)``.
+    """
+    T, B, C = out.shape
+    for t in numba.prange(T):
+        for b in range(B):
+            row = out[t, b]
+            row[:] = 0.0
+            weight = scale[b]
+            for u in range(num_classes[b]):
+                row[classes[b, u]] = compact[t, b, u] * weight

@@ -67,14 +67,13 @@ class _KernelState:
     only items whose forward pass lost mass to underflow run the backward check."""
 
     def __init__(self, trellis: CTCTrellis, log_probs: Tensor, need_grad: bool):
-        labels = trellis.labels
-        B = labels.shape[0]
+        from . import _kernels
+
         C = log_probs.shape[2]
-        present = torch.zeros(B, C, dtype=torch.bool).scatter_(1, labels, True)
-        self.num_classes = present.sum(1)
-        U = int(self.num_classes.max()) if B else 0
-        self.classes = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :U].contiguous()
-        self.state_class = (present.cumsum(1) - 1).gather(1, labels).contiguous()
+        self.num_classes, self.classes, self.state_class = map(
+            torch.from_numpy, _kernels.class_tables(trellis.labels.numpy(), C)
+        )
+        U = self.classes.shape[1]
         self.skip = torch.nn.functional.pad(trellis.skip.double(), (0, 2))
         self.lp = log_probs.detach().contiguous()
         self.trellis = trellis
@@ -84,9 +83,11 @@ class _KernelState:
         # double the loss's memory for vocabularies of thousands)
         self.compact = C > 2 * U
         loglik, error, self.occupancy = self._run(need_grad)
-        possible = torch.isfinite(loglik)
-        # a vanished score with a path, or underflow that may matter: log space
-        self.redo = (error > _MAX_UNDERFLOW_ERROR) | (~possible & trellis.feasible)
+        # underflow that may matter, or a vanished score where a path exists: log space
+        self.redo = error > _MAX_UNDERFLOW_ERROR
+        vanished = ~torch.isfinite(loglik)
+        if bool(vanished.any()):
+            self.redo |= vanished & trellis.feasible
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
             nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])

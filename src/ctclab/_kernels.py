@@ -418,3 +418,40 @@ def scatter_posteriors(compact, classes, num_classes, scale, out):
             weight = scale[b]
             for u in range(num_classes[b]):
                 row[classes[b, u]] = compact[t, b, u] * weight
+
+
+@numba.njit(cache=True, nogil=True)
+def class_tables(labels, num_classes_total):
+    """The distinct labels of each item, for the kernels' per-class emissions.
+
+    Args:
+        labels: ``(B, S)`` int64 extended targets; num_classes_total: C.
+
+    Returns:
+        ``(B,)`` int64 how many distinct labels each item has (blank included), ``(B, U)``
+        int64 those labels in increasing order (padded with the last one; ``U`` the largest
+        count), ``(B, S)`` int64 each state's label's position in that list.
+    """
+    B, S = labels.shape
+    rank = np.full(num_classes_total, -1, dtype=np.int64)
+    counts = np.zeros(B, dtype=np.int64)
+    listed = np.zeros((B, S), dtype=np.int64)
+    state_class = np.empty((B, S), dtype=np.int64)
+    for b in range(B):
+        for s in range(S):
+            rank[labels[b, s]] = 0
+        n = 0
+        for c in range(num_classes_total):  # increasing order: the torch layout's columns
+            if rank[c] == 0:
+                listed[b, n] = c
+                rank[c] = n + 1
+                n += 1
+        counts[b] = n
+        for s in range(S):
+            state_class[b, s] = rank[labels[b, s]] - 1
+        for s in range(S):
+            rank[labels[b, s]] = -1
+        for u in range(n, S):
+            listed[b, u] = listed[b, n - 1]
+    width = counts.max() if B else 0
+    return counts, listed[:, :width].copy(), state_class

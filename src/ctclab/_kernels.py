@@ -53,19 +53,9 @@ def exp_nonpositive(d, out, bits):
         k = math.floor(x * _LOG2E + 0.5)
         r = (x - k * _LN2_HI) - k * _LN2_LO
         p = c[13]
-        p = p * r + c[12]
-        p = p * r + c[11]
-        p = p * r + c[10]
-        p = p * r + c[9]
-        p = p * r + c[8]
-        p = p * r + c[7]
-        p = p * r + c[6]
-        p = p * r + c[5]
-        p = p * r + c[4]
-        p = p * r + c[3]
-        p = p * r + c[2]
-        p = p * r + c[1]
-        out[u] = p * r + c[0]
+        for i in range(12, -1, -1):  # Horner; a fixed trip count, unrolled by LLVM
+            p = p * r + c[i]
+        out[u] = p
         bits[u] = (np.int64(k) + 1023) << 52
     power = bits.view(np.float64)  # 2^k
     for u in range(d.shape[0]):

@@ -15,7 +15,9 @@ def trellis_of(log_probs, targets, il, tl):
     return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0))
 
 
-def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice():
+@pytest.mark.parametrize("small_frame", [0, scaled.SMALL_FRAME])  # the linear Function, plain ops
+def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice(monkeypatch, small_frame):
+    monkeypatch.setattr(scaled, "SMALL_FRAME", small_frame)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
     b = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)

@@ -27,8 +27,19 @@ import numba
 import numpy as np
 
 # reassociation lets LLVM vectorise the per-frame sums; no flag that assumes finite values
-_jit = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-_item_jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+_FASTMATH = {"reassoc", "contract"}
+_jit = numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
+# The per-item functions take every buffer from the caller and are compiled without numba's
+# reference counting (`_nrt`, numba's own option; plain njit where a numba lacks it): each array
+# view or swap would otherwise cost an atomic increment and decrement, and the threads'
+# scratch arrays share one count, so those atomics bounce between cores.
+try:
+    from numba.core.cpu import CPUTargetOptions
+
+    NRT_OPTION = hasattr(CPUTargetOptions, "_nrt")
+except ImportError:
+    NRT_OPTION = False
+_item_jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, **({"_nrt": False} if NRT_OPTION else {}))
 
 #: Values below this (float64, in their frame's scale) count as possibly truncated by underflow.
 TINY = 1e-300
@@ -41,25 +52,25 @@ _INV_FACTORIAL = tuple(1.0 / math.factorial(i) for i in range(14))
 
 
 @_item_jit
-def exp_nonpositive(d, out, bits):
-    """``out = exp(d)`` for ``d <= 0`` (``-inf`` included), to 3e-16 relative; 0 below
-    ``e^-708`` (the smallest normal float64 is ``e^-708.4``). Unlike libm's scalar ``exp``, it
-    vectorises: Cody-Waite reduction to ``r`` in ``[-ln2/2, ln2/2]``, ``e^r`` by its Taylor
-    polynomial of degree 13 (error below ``0.35^14/14!``), ``2^k`` built in the exponent bits
-    (``bits``: int64 scratch as long as ``d``). About 3.5x faster than ``math.exp`` per number."""
+def exp_nonpositive(d, count, out, row, bits, power):
+    """``out[row, u] = exp(d[u])`` for the first ``count`` entries, ``d <= 0`` (``-inf``
+    included), to 3e-16 relative; 0 below ``e^-708`` (the smallest normal float64 is
+    ``e^-708.4``). Unlike libm's scalar ``exp``, it vectorises: Cody-Waite reduction to ``r`` in
+    ``[-ln2/2, ln2/2]``, ``e^r`` by its Taylor polynomial of degree 13 (error below
+    ``0.35^14/14!``), ``2^k`` built in the exponent bits (``bits``: int64 scratch as long as
+    ``d``, ``power`` the same memory as float64). About 3.5x faster than ``math.exp`` per number."""
     c = _INV_FACTORIAL
-    for u in range(d.shape[0]):
+    for u in range(count):
         x = max(d[u], -708.0)
         k = math.floor(x * _LOG2E + 0.5)
         r = (x - k * _LN2_HI) - k * _LN2_LO
         p = c[13]
         for i in range(12, -1, -1):  # Horner; a fixed trip count, unrolled by LLVM
             p = p * r + c[i]
-        out[u] = p
+        out[row, u] = p
         bits[u] = (np.int64(k) + 1023) << 52
-    power = bits.view(np.float64)  # 2^k
-    for u in range(d.shape[0]):
-        out[u] = out[u] * power[u] if d[u] >= -708.0 else 0.0
+    for u in range(count):
+        out[row, u] = out[row, u] * power[u] if d[u] >= -708.0 else 0.0
 
 
 @numba.njit(inline="always")
@@ -69,19 +80,19 @@ def _band(t, Tb, Sb):
 
 
 @_item_jit
-def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled, alpha):
+def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled, alpha, state, shifted, bits, power):
     """Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
-    and ``alpha`` ``(T, S)`` are the item's, filled here). Returns its log-likelihood (-inf if
-    no path) and whether any variable fell below :data:`TINY`."""
+    and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
+    ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
+    and whether any variable fell below :data:`TINY`."""
     flagged = False
-    prev = np.zeros(Sb + 2)  # two leading zeros stand for states -2 and -1
-    cur = np.zeros(Sb + 2)
+    for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1
+        state[0, s] = 0.0
+        state[1, s] = 0.0
     total = 0.0
     inv_prev = 1.0
     ok = Tb > 0
     n = num_classes[b]
-    shifted = np.empty(n)
-    bits = np.empty(n, dtype=np.int64)
     for t in range(Tb):
         frame_max = -np.inf
         for u in range(n):
@@ -92,50 +103,57 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
             break
         for u in range(n):
             shifted[u] -= frame_max
-        exp_nonpositive(shifted, scaled[t, :n], bits)
+        exp_nonpositive(shifted, n, scaled, t, bits, power)
         lo, hi = _band(t, Tb, Sb)
         entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0
         # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
         # posteriors (normalised per frame) do not see and the likelihood adds back in logs
+        cur = t & 1
+        prev = cur ^ 1
         norm = 0.0
         underflow = False
         for s in range(lo, hi):
             if t == 0:
                 inflow = entry if s & 1 else 1.0
             else:
-                entering = prev[s + 1] + skip[b, s] * prev[s]
-                inflow = prev[s + 2] + (entering * entry if s & 1 else entering)
+                entering = state[prev, s + 1] + skip[b, s] * state[prev, s]
+                inflow = state[prev, s + 2] + (entering * entry if s & 1 else entering)
             y = scaled[t, state_class[b, s]] * inv_prev
             v = inflow * y
             underflow |= v < TINY
-            cur[s + 2] = v
+            state[cur, s + 2] = v
             alpha[t, s] = v
             norm += v
         if norm == 0.0:
             ok = False
             break
         flagged |= underflow
-        cur[lo : lo + 2] = 0.0  # states lo-2, lo-1: read next frame, stale from two frames ago
+        state[cur, lo] = 0.0  # states lo-2, lo-1: read next frame, stale from two frames ago
+        state[cur, lo + 1] = 0.0
         inv_prev = 1.0 / norm
         total += math.log(norm) + frame_max
-        prev, cur = cur, prev
     if ok:
-        end = prev[Sb + 1] + (prev[Sb] if Sb > 1 else 0.0)
+        last = (Tb - 1) & 1
+        end = state[last, Sb + 1] + (state[last, Sb] if Sb > 1 else 0.0)
         return total + math.log(end * inv_prev), flagged
     return -np.inf, flagged
 
 
 @_item_jit
-def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha, scaled, occupancy, write):
+def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha, scaled, occupancy, write,
+                beta, weighted, entering, per_class):
     """Backward pass of item ``b``: beta, and its posteriors into ``occupancy`` (when ``write``).
-    Returns a bound on the relative error that underflow caused (see the module docstring;
-    inf where a frame's ``z`` vanished)."""
+    ``beta``, ``weighted``, ``entering`` ``(S + 2,)`` and ``per_class`` ``(U,)`` are the thread's
+    scratch. Returns a bound on the relative error that underflow caused (see the module
+    docstring; inf where a frame's ``z`` vanished)."""
     error = 0.0
-    beta = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb and Sb+1
-    weighted = np.zeros(Sb + 2)  # beta_t(s) y_t(s); below the band: never written, so zero
-    entering = np.zeros(Sb + 2)  # the same, times the entry weight of label states
+    for s in range(Sb + 2):
+        beta[s] = 0.0  # two trailing zeros stand for states Sb and Sb+1
+        weighted[s] = 0.0  # beta_t(s) y_t(s); below the band: never written, so zero
+        entering[s] = 0.0  # the same, times the entry weight of label states
+    for u in range(num_classes[b]):
+        per_class[u] = 0.0
     into = entering if delay != 0.0 else weighted  # what transitions into s+1, s+2 carry
-    per_class = np.zeros(num_classes[b])
     beta[Sb - 1] = 1.0
     if Sb > 1:
         beta[Sb - 2] = 1.0
@@ -168,7 +186,8 @@ def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha
         inv_z = 1.0 / z
         per_class[state_class[b, 0]] = blank_mass
         if write:
-            occupancy[t, b, :] = 0.0  # columns of absent classes
+            for c in range(occupancy.shape[2]):  # columns of absent classes
+                occupancy[t, b, c] = 0.0
         for u in range(num_classes[b]):
             if write:
                 occupancy[t, b, columns[b, u]] = per_class[u] * inv_z
@@ -214,24 +233,34 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
         relative error that underflow caused (0 where the backward pass did not run).
     """
     B = log_probs.shape[1]
-    threads = alpha.shape[0]
+    threads, _, S = alpha.shape
+    U = scaled.shape[2]
     loglik = np.full(B, -np.inf)
     error = np.zeros(B)
     for thread in numba.prange(threads):
+        # the thread's scratch, made once: the per-item functions take it all from here
+        thread_alpha, thread_scaled = alpha[thread], scaled[thread]
+        state = np.zeros((2, S + 2))
+        shifted = np.empty(U)
+        bits = np.empty(U, dtype=np.int64)
+        power = bits.view(np.float64)
+        beta, weighted, entering = np.empty(S + 2), np.empty(S + 2), np.empty(S + 2)
+        per_class = np.empty(U)
         for b in range(thread, B, threads):
             Sb, Tb = num_states[b], input_lengths[b]
-            ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled[thread], alpha[thread])
+            ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, thread_scaled,
+                                   thread_alpha, state, shifted, bits, power)
             loglik[b] = ll
             ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
             if ran:
-                error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha[thread], scaled[thread], occupancy, need_grad)
+                error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, thread_alpha,
+                                       thread_scaled, occupancy, need_grad, beta, weighted, entering, per_class)
             if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
                 complete = ran and error[b] < np.inf
                 for t in range(Tb if complete else 0, occupancy.shape[0]):
-                    occupancy[t, b, :] = 0.0
+                    for c in range(occupancy.shape[2]):
+                        occupancy[t, b, c] = 0.0
     return loglik, error
-
-
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -333,59 +362,76 @@ def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, ou
         packed_row[g] = byte
 
 
+_TINY64 = 2.2250738585072014e-308
+
+
+@_item_jit
+def _bound_step(b, t, inflow, emissions, skip, Sb, beta, row, ahead, tiny):
+    """One frame of :func:`scaled_underflow_bound` for item ``b``: its term of the bound (inf
+    where ``z`` vanished), and ``beta[row]`` moved one frame back, rescaled."""
+    mass = 0.0  # the frame's mass as the forward sums it, padding states included
+    for s in range(inflow.shape[1]):
+        mass += np.float64(inflow[b, s]) * np.float64(emissions[t, b, s])
+    z = 0.0
+    norm = 0.0
+    for s in range(Sb):
+        w = beta[row, s] * np.float64(emissions[t, b, s])
+        ahead[s] = w
+        z += np.float64(inflow[b, s]) * w
+        norm += beta[row, s]
+    if z <= 0.0:
+        return np.inf
+    ahead[Sb] = 0.0  # states Sb, Sb+1
+    ahead[Sb + 1] = 0.0
+    inv = 1.0 / max(norm, 1e-300)
+    for s in range(Sb):
+        w = ahead[s] + ahead[s + 1]
+        if s + 2 < Sb and skip[b, s + 2]:
+            w += ahead[s + 2]
+        beta[row, s] = w * inv
+    # delta_t / z_t, z_t = z / (mass * norm) the overlap of the two rescaled distributions;
+    # then the same for the backward variables' own losses (float64)
+    return (16.0 * tiny * (1.0 + mass) * norm + 16.0 * _TINY64 * (1.0 + norm) * mass) / z
+
+
 @_jit
-def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, tiny):
+def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, tiny, threads):
     """:func:`ctclab.scaled.underflow_bound` for the CPU: the same bound, the backward variables
-    in float64, parallel over the batch.
+    in float64, parallel over the batch. Each thread takes its items frame by frame, so that it
+    fetches each frame's array from the list once.
 
     Args:
         inflows: list of ``T`` arrays ``(B, S)``, ``transition(v_{t-1})`` of the scaled forward.
         emissions: ``(T, B, S)`` its scaled emissions (``v_t = inflows[t] * emissions[t]``).
         skip: ``(B, S)`` bool; input_lengths, num_states: ``(B,)``.
-        tiny: the forward's dtype's smallest normal number.
+        tiny: the forward's dtype's smallest normal number; threads: how many to use.
 
     Returns:
         ``(B,)`` float64 bound (0 for items without frames, inf where a frame's ``z`` vanished).
     """
-    TINY64 = 2.2250738585072014e-308
     B = skip.shape[0]
+    S = emissions.shape[2]
     bound = np.zeros(B)
-    for b in numba.prange(B):
-        Tb, Sb = input_lengths[b], num_states[b]
-        if Tb == 0:
-            continue
-        beta = np.zeros(Sb)
-        ahead = np.zeros(Sb + 2)  # two trailing zeros stand for states Sb, Sb+1
-        beta[Sb - 1] = 1.0
-        if Sb > 1:
-            beta[Sb - 2] = 1.0
-        total = 0.0
-        for t in range(Tb - 1, -1, -1):
+    threads = max(1, min(threads, B))
+    for thread in numba.prange(threads):
+        mine = np.arange(thread, B, threads)
+        beta = np.zeros((mine.shape[0], S))
+        ahead = np.zeros(S + 2)
+        frames = 0
+        for i in range(mine.shape[0]):
+            frames = max(frames, input_lengths[mine[i]])
+        for t in range(frames - 1, -1, -1):
             inflow = inflows[t]
-            mass = 0.0  # the frame's mass as the forward sums it, padding states included
-            for s in range(inflow.shape[1]):
-                mass += np.float64(inflow[b, s]) * np.float64(emissions[t, b, s])
-            z = 0.0
-            for s in range(Sb):
-                w = beta[s] * np.float64(emissions[t, b, s])
-                ahead[s] = w
-                z += np.float64(inflow[b, s]) * w
-            if z <= 0.0:
-                total = np.inf
-                break
-            norm = 0.0
-            for s in range(Sb):
-                norm += beta[s]
-            # delta_t / z_t, z_t = z / (mass * norm) the overlap of the two rescaled distributions;
-            # then the same for the backward variables' own losses (float64)
-            total += (16.0 * tiny * (1.0 + mass) * norm + 16.0 * TINY64 * (1.0 + norm) * mass) / z
-            inv = 1.0 / max(norm, 1e-300)
-            for s in range(Sb):
-                w = ahead[s] + ahead[s + 1]
-                if s + 2 < Sb and skip[b, s + 2]:
-                    w += ahead[s + 2]
-                beta[s] = w * inv
-        bound[b] = total
+            for i in range(mine.shape[0]):
+                b = mine[i]
+                Sb = num_states[b]
+                if t >= input_lengths[b] or bound[b] == np.inf:
+                    continue
+                if t == input_lengths[b] - 1:  # the item's last frame: its accepting states
+                    beta[i, Sb - 1] = 1.0
+                    if Sb > 1:
+                        beta[i, Sb - 2] = 1.0
+                bound[b] += _bound_step(b, t, inflow, emissions, skip, Sb, beta, i, ahead, tiny)
     return bound
 
 

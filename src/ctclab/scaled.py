@@ -245,7 +245,7 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
         return torch.from_numpy(_kernels.scaled_underflow_bound(
             numba.typed.List([x.detach().numpy() for x in forward.inflows]), forward.emissions.detach().numpy(),
             trellis.skip.numpy(), trellis.input_lengths.numpy(), trellis.num_states.numpy(),
-            torch.finfo(forward.emissions.dtype).tiny,
+            torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
         ))
     return reference_underflow_bound(forward)
 

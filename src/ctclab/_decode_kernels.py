@@ -35,17 +35,13 @@ import math
 import numba
 import numpy as np
 
+from ._kernels import NRT_OPTION
+
 _jit = numba.njit(cache=True, nogil=True)
 # helpers that allocate nothing: without NRT, the arrays they are handed cost no reference
-# counting (atomic increments and decrements per call were most of the search's time). `_nrt`
-# is an option of numba's own; where a numba lacks it, plain njit (same results, slower).
-try:
-    from numba.core.cpu import CPUTargetOptions
-
-    _NRT_OPTION = hasattr(CPUTargetOptions, "_nrt")
-except ImportError:
-    _NRT_OPTION = False
-_helper = numba.njit(cache=True, nogil=True, _nrt=False) if _NRT_OPTION else _jit
+# counting (atomic increments and decrements per call were most of the search's time; see
+# ctclab._kernels)
+_helper = numba.njit(cache=True, nogil=True, _nrt=False) if NRT_OPTION else _jit
 
 #: word-trie node flags
 LM_PREFIX, HOT_PREFIX, HOTWORD, LM_WORD = 1, 2, 4, 8

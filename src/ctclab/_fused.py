@@ -109,11 +109,17 @@ class _KernelState:
         threads = numba.get_num_threads()
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
-        loglik, error = map(torch.from_numpy, _kernels.forward_backward(
-            self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.skip.numpy(),
-            self.state_class.numpy(), trellis.num_states.numpy(), trellis.input_lengths.numpy(),
-            float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
-        ))
+        # items handed out one at a time to whichever thread is free: a thread slowed by a busy
+        # neighbour no longer holds up the other's last items
+        chunk = numba.set_parallel_chunksize(1)
+        try:
+            loglik, error = map(torch.from_numpy, _kernels.forward_backward(
+                self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.skip.numpy(),
+                self.state_class.numpy(), trellis.num_states.numpy(), trellis.input_lengths.numpy(),
+                float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+            ))
+        finally:
+            numba.set_parallel_chunksize(chunk)
         return loglik, error, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:

@@ -237,29 +237,28 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
     U = scaled.shape[2]
     loglik = np.full(B, -np.inf)
     error = np.zeros(B)
-    for thread in numba.prange(threads):
-        # the thread's scratch, made once: the per-item functions take it all from here
-        thread_alpha, thread_scaled = alpha[thread], scaled[thread]
-        state = np.zeros((2, S + 2))
-        shifted = np.empty(U)
-        bits = np.empty(U, dtype=np.int64)
-        power = bits.view(np.float64)
-        beta, weighted, entering = np.empty(S + 2), np.empty(S + 2), np.empty(S + 2)
-        per_class = np.empty(U)
-        for b in range(thread, B, threads):
-            Sb, Tb = num_states[b], input_lengths[b]
-            ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, thread_scaled,
-                                   thread_alpha, state, shifted, bits, power)
-            loglik[b] = ll
-            ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
-            if ran:
-                error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, thread_alpha,
-                                       thread_scaled, occupancy, need_grad, beta, weighted, entering, per_class)
-            if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
-                complete = ran and error[b] < np.inf
-                for t in range(Tb if complete else 0, occupancy.shape[0]):
-                    for c in range(occupancy.shape[2]):
-                        occupancy[t, b, c] = 0.0
+    # each thread's scratch, made once: the per-item functions take it all from here
+    state = np.zeros((threads, 2, S + 2))
+    shifted = np.empty((threads, U))
+    bits = np.empty((threads, U), dtype=np.int64)
+    power = bits.view(np.float64)
+    beta, weighted, entering = np.empty((threads, S + 2)), np.empty((threads, S + 2)), np.empty((threads, S + 2))
+    per_class = np.empty((threads, U))
+    for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
+        thread = numba.get_thread_id()
+        Sb, Tb = num_states[b], input_lengths[b]
+        ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled[thread],
+                               alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
+        loglik[b] = ll
+        ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
+        if ran:
+            error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha[thread], scaled[thread],
+                                   occupancy, need_grad, beta[thread], weighted[thread], entering[thread], per_class[thread])
+        if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
+            complete = ran and error[b] < np.inf
+            for t in range(Tb if complete else 0, occupancy.shape[0]):
+                for c in range(occupancy.shape[2]):
+                    occupancy[t, b, c] = 0.0
     return loglik, error
 
 

@@ -116,3 +116,24 @@ def test_kernel_exp_matches_libm_to_double_precision():
     normal = expected >= np.finfo(np.float64).tiny
     assert np.max(np.abs(out[normal] - expected[normal]) / expected[normal]) < 1e-15
     assert (out[~normal] == 0).all() and (expected[~normal] < 1e-307).all()  # flushed below e^-708
+
+
+def test_kernels_give_the_same_results_on_any_number_of_threads():
+    numba = pytest.importorskip("numba")
+    logits, targets, il, tl = random_batch(40, 7, 6, 8, seed=31)
+    x = logits.log_softmax(-1)
+    expected = ctc_loss(x.double(), targets, il, tl, reduction="none", impl="autograd")
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            z = x.detach().requires_grad_(True)
+            got = ctc_loss(z, targets, il, tl, reduction="none", impl="fused")
+            (grad,) = torch.autograd.grad(got.sum(), z)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+            if threads == 1:
+                single = grad
+            else:
+                torch.testing.assert_close(grad, single)
+    finally:
+        numba.set_num_threads(before)

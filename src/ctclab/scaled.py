@@ -226,8 +226,9 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
     likelihood (and, up to a factor 2, in every posterior).
 
     A forward variable of frame t loses at most :math:`\delta_t = 16\,\text{tiny}\,(1 + 1/c_t)`
-    to underflow relative to its frame's mass :math:`c_t = \sum_s v_t(s)` (a few sums and products
-    of numbers below 3 flushing at ``tiny``, then perhaps the division by :math:`c_t`). A loss
+    to underflow relative to its frame's mass :math:`c_t = \sum_s v_t(s)` (the transition's three
+    terms, each carrying its predecessor's loss, times an emission of at most 1, every operation
+    flushing at ``tiny``; then perhaps the division by :math:`c_t`). A loss
     :math:`\delta` in state s changes the likelihood by at most :math:`\delta\,\hat\beta_t(s)/z_t`
     relative, with :math:`\hat\beta_t` the backward variables rescaled to sum 1 and
     :math:`z_t = \sum_s \hat v_t(s) \hat\beta_t(s)` (:math:`\hat v_t = v_t / c_t`); the bound is

@@ -447,12 +447,12 @@ def scatter_posteriors(compact, classes, num_classes, scale, out):
     """
     T, B, C = out.shape
     for t in numba.prange(T):
-        for b in range(B):
-            row = out[t, b]
-            row[:] = 0.0
+        for b in range(B):  # plain indexing: a view per row would cost shared reference counts
+            for c in range(C):
+                out[t, b, c] = 0.0
             weight = scale[b]
             for u in range(num_classes[b]):
-                row[classes[b, u]] = compact[t, b, u] * weight
+                out[t, b, classes[b, u]] = compact[t, b, u] * weight
 
 
 @numba.njit(cache=True, nogil=True)

@@ -3,9 +3,9 @@ r"""The CTC loss: ``ctc_loss`` and ``CTCLoss``, with the semantics of ``torch.nn
 Two implementations of the same maths, both built on :mod:`ctclab.trellis`:
 
 * ``impl='autograd'``: the forward recursion written in PyTorch (one Python loop over time,
-  vectorised over batch and states); autograd differentiates it, to any order. In probability
-  space with rescaling (:mod:`ctclab.scaled`), items whose underflow it cannot bound in log
-  space (:mod:`ctclab.trellis`, also the only form with a delay penalty).
+  vectorised over batch and states); autograd differentiates it, to any order. It runs in
+  probability space with rescaling (:mod:`ctclab.scaled`); items whose underflow it cannot
+  bound, and every item under a delay penalty, run in log space (:mod:`ctclab.trellis`).
 * ``impl='fused'``: an explicit forward-backward (:mod:`ctclab._fused`); the gradient is the
   posterior occupation scattered onto the classes. Fast; first derivatives only. On CPU the
   numba kernels; on CUDA (standard topology, no delay penalty) PyTorch's own CUDA kernel with
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ._inputs import CTCBatch, Lengths, ctc_batch
-from .trellis import CTCTrellis, Topology
 from .scaled import negative_log_likelihood as scaled_nll
+from .trellis import CTCTrellis, Topology
 from .trellis import negative_log_likelihood as trellis_nll
 
 Reduction = Literal["none", "mean", "sum"]

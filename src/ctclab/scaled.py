@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._fused import kernels_available
+from ._inputs import frame_mask
 from .trellis import NEG, CTCTrellis, is_impossible
 from .trellis import negative_log_likelihood as log_space_nll
 
@@ -39,19 +40,33 @@ from .trellis import negative_log_likelihood as log_space_nll
 MAX_UNDERFLOW_ERROR = {torch.float32: 1e-6, torch.float64: 1e-13}
 
 
+def _transition_into(out: Tensor, a: Tensor, skip: Tensor) -> Tensor:
+    """``out[s] = a[s] + a[s-1] + skip[s] * a[s-2]``, written into ``out``."""
+    out.copy_(a)
+    out[:, 1:] += a[:, :-1]
+    out[:, 2:].addcmul_(a[:, :-2], skip[:, 2:])
+    return out
+
+
+def _transposed_into(out: Tensor, g: Tensor, skip: Tensor) -> Tensor:
+    """``out[s] = g[s] + g[s+1] + skip[s+2] * g[s+2]``, written into ``out``: the backward
+    recursion's step."""
+    out.copy_(g)
+    out[:, :-1] += g[:, 1:]
+    out[:, :-2].addcmul_(g[:, 2:], skip[:, 2:])
+    return out
+
+
 class _Transition(torch.autograd.Function):
-    """``(B, S)`` -> ``(B, S)``: ``out[s] = a[s] + a[s-1] + skip[s] * a[s-2]``. Linear, so its
-    backward is its transpose (:class:`_TransitionTransposed`), whose backward is this again:
-    derivatives of every order, three kernels each way where autograd would pad, slice and
-    zero-fill shifted copies."""
+    """``(B, S)`` -> ``(B, S)``: :func:`_transition_into`. Linear, so its backward is its
+    transpose (:class:`_TransitionTransposed`), whose backward is this again: derivatives of
+    every order, three kernels each way where autograd would pad, slice and zero-fill shifted
+    copies."""
 
     @staticmethod
     def forward(ctx, a: Tensor, skip: Tensor) -> Tensor:
         ctx.skip = skip  # a constant 0/1 mask
-        out = a.clone()
-        out[:, 1:] += a[:, :-1]
-        out[:, 2:].addcmul_(a[:, :-2], skip[:, 2:])
-        return out
+        return _transition_into(torch.empty_like(a), a, skip)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -59,15 +74,12 @@ class _Transition(torch.autograd.Function):
 
 
 class _TransitionTransposed(torch.autograd.Function):
-    """``out[s] = g[s] + g[s+1] + skip[s+2] * g[s+2]``: the backward recursion's step."""
+    """:func:`_transposed_into` as an autograd Function (the transpose of :class:`_Transition`)."""
 
     @staticmethod
     def forward(ctx, grad: Tensor, skip: Tensor) -> Tensor:
         ctx.skip = skip
-        out = grad.clone()
-        out[:, :-1] += grad[:, 1:]
-        out[:, :-2].addcmul_(grad[:, 2:], skip[:, 2:])
-        return out
+        return _transposed_into(torch.empty_like(grad), grad, skip)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -134,7 +146,7 @@ def _state_emissions(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype)
     T, B, C = log_probs.shape
     labels = trellis.labels
     S = labels.shape[1]
-    inside = (torch.arange(T, device=log_probs.device)[:, None] < trellis.input_lengths[None, :])[..., None]
+    inside = frame_mask(T, trellis.input_lengths)[..., None]
     index = labels.expand(T, B, S)
     ragged = not bool(inside.all())
     scores = (log_probs if C <= S else log_probs.gather(2, index)).to(dtype)
@@ -177,8 +189,8 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
     """
     if trellis.delay_penalty:
         raise ValueError("scaled_forward does not implement the delay penalty; use ctclab.trellis.log_alpha")
-    T, B, C = log_probs.shape
     dtype = dtype or log_probs.dtype
+    T, B, C = log_probs.shape
     device = log_probs.device
     S = trellis.labels.shape[1]
     states = torch.arange(S, device=device)
@@ -206,11 +218,11 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
             finals.append((alpha[items] * accepting[items]).sum(1))
         inflows.append(inflow)
     # the constants' logs, summed in float64 (hundreds of terms)
-    frames = torch.arange(T, device=device)[:, None]
-    log_scale = torch.where(frames < trellis.input_lengths, shift.double(), 0.0).sum(0)
+    inside = frame_mask(T, trellis.input_lengths)
+    log_scale = torch.where(inside, shift.double(), 0.0).sum(0)
     if divisors:
-        at = frames[every - 1 :: every]
-        log_scale += torch.where(at < trellis.input_lengths, torch.stack(divisors).double().log(), 0.0).sum(0)
+        divided = inside[every - 1 :: every]
+        log_scale += torch.where(divided, torch.stack(divisors).double().log(), 0.0).sum(0)
     final = torch.zeros(B, dtype=dtype, device=device)
     if finals:
         final = final.index_put((torch.cat(list(ends.values())),), torch.cat(finals))
@@ -261,7 +273,7 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
     emissions = forward.emissions.detach().to(dtype)
     T, B, S = emissions.shape
     tiny = torch.finfo(dtype).tiny
-    skip = trellis.skip.to(dtype)[:, 2:]
+    skip = trellis.skip.to(dtype)
     accepting = trellis.final_states().to(dtype)
     accepting /= accepting.sum(1, keepdim=True).clamp(min=1)
     ends = _last_frames(trellis)
@@ -280,12 +292,9 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
         overlap = torch.linalg.vecdot(inflow, ahead) / mass  # z_t
         losses = 16 * tiny_forward * (1 + 1 / mass) + 16 * tiny * (1 + beta_scale.squeeze(1))
         terms.append(torch.where(overlap > 0, losses / overlap, torch.inf))
-        beta.copy_(ahead)  # beta_{t-1} = transition_transposed(ahead), in place
-        beta[:, :-1] += ahead[:, 1:]
-        beta[:, :-2].addcmul_(ahead[:, 2:], skip)
+        _transposed_into(beta, ahead, skip)  # beta_{t-1}
         beta_scale = beta.sum(1, keepdim=True).clamp_(min=tiny).reciprocal_()
-    inside = torch.arange(T, device=emissions.device)[:, None] < trellis.input_lengths[None, :]
-    return torch.where(inside, torch.stack(terms[::-1]), 0.0).sum(0)
+    return torch.where(frame_mask(T, trellis.input_lengths), torch.stack(terms[::-1]), 0.0).sum(0)
 
 
 #: Below this many states per frame (batch x states) the recursion's cost is per operation, not

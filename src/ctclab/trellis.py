@@ -3,8 +3,8 @@ r"""The CTC trellis: blank-extended targets and the transitions between their st
 Written once and shared by everything in ctclab: the loss is the trellis's log-sum-exp
 recursion (here, the reference) or its sum-product recursion in probability space
 (:mod:`ctclab.scaled`, the autograd loss), the Viterbi alignment its max recursion, the
-alignment targets its forward times backward. A CTC variant is a change here (topology, transition weights) or to the emissions,
-never a new copy of the loop.
+alignment targets its forward times backward. A CTC variant is a change here (topology,
+transition weights) or to the emissions, never a new copy of the loop.
 
 For a target :math:`l = (l_1, \dots, l_L)` the extended sequence is
 :math:`l' = (\varnothing, l_1, \varnothing, l_2, \dots, l_L, \varnothing)` with :math:`S = 2L + 1`

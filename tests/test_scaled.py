@@ -127,11 +127,13 @@ def test_scores_beyond_float64s_range_fall_back_to_log_space(monkeypatch):
     torch.testing.assert_close(grad, exact_grad, rtol=1e-9, atol=1e-12)
 
 
-def test_delay_penalty_is_refused_with_a_pointer_to_log_space():
+def test_delay_penalty_and_half_dtypes_are_refused_with_a_pointer():
     logits, targets, il, tl = random_batch(10, 2, 4, 3, seed=1)
     batch = ctc_batch(logits.log_softmax(-1), targets, il, tl, 0)
     with pytest.raises(ValueError, match="log_alpha"):
         scaled.scaled_forward(CTCTrellis.build(batch, delay_penalty=0.1), batch.log_probs)
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+        scaled.scaled_forward(CTCTrellis.build(batch), batch.log_probs, torch.float16)
 
 
 def test_without_the_cpu_kernel_the_pytorch_bound_gives_the_same_results(monkeypatch):

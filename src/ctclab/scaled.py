@@ -186,10 +186,15 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
 
     Returns:
         A :class:`ScaledForward`; check :meth:`ScaledForward.certified` before trusting an item.
+
+    Raises:
+        ValueError: the trellis has a delay penalty. TypeError: ``dtype`` is not float32/float64.
     """
     if trellis.delay_penalty:
         raise ValueError("scaled_forward does not implement the delay penalty; use ctclab.trellis.log_alpha")
     dtype = dtype or log_probs.dtype
+    if dtype not in MAX_UNDERFLOW_ERROR:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64 (the recursion's dtype), got {dtype}")
     T, B, C = log_probs.shape
     device = log_probs.device
     S = trellis.labels.shape[1]

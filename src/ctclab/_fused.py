@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._inputs import frame_mask
+from ._memory import check_memory
 from .trellis import (
     CTCTrellis,
     class_posteriors,
@@ -85,9 +86,10 @@ class _KernelState:
         loglik, error, self.occupancy = self._run(need_grad)
         # underflow that may matter, or a vanished score where a path exists: log space
         self.redo = error > _MAX_UNDERFLOW_ERROR
-        vanished = ~torch.isfinite(loglik)
+        vanished = loglik == -torch.inf
         if bool(vanished.any()):
             self.redo |= vanished & trellis.feasible
+        self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
             nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])
@@ -105,13 +107,21 @@ class _KernelState:
         U = self.classes.shape[1]
         columns = torch.arange(U).expand(B, U).contiguous() if self.compact else self.classes
         shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
+        # scratch per thread, and no more threads than items: one long item needs one T x S buffer
+        threads = max(1, min(numba.get_num_threads(), B))
+        check_memory(
+            8 * threads * T * (S + U) + self.lp.element_size() * math.prod(shape), self.lp.device,
+            f"ctc_loss (fused, T={T}, S={S} states per item)",
+            "use shorter inputs or targets (memory grows as T x (2L + 1) per item), or split the batch",
+        )
         occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
-        threads = numba.get_num_threads()
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
         # items handed out one at a time to whichever thread is free: a thread slowed by a busy
         # neighbour no longer holds up the other's last items
         chunk = numba.set_parallel_chunksize(1)
+        all_threads = numba.get_num_threads()
+        numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
         try:
             loglik, error = map(torch.from_numpy, _kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.skip.numpy(),
@@ -119,6 +129,7 @@ class _KernelState:
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
             ))
         finally:
+            numba.set_num_threads(all_threads)
             numba.set_parallel_chunksize(chunk)
         return loglik, error, occupancy
 
@@ -142,7 +153,23 @@ class _KernelState:
         if bool(redo.any()):
             sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])
             grad[:, redo] = sub * grad_nll[redo].to(sub.dtype)[None, :, None]
+        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
+
+
+def with_nan_items(grad: Tensor, nan_items: Tensor, input_lengths: Tensor) -> Tensor:
+    """``grad`` ``(T, B, C)`` with NaN on every frame of the ``(B,)`` ``nan_items`` (items whose
+    loss is NaN because a score they read is NaN), as the built-in has it: a NaN loss must not
+    come with a finite gradient. Items whose upstream gradient is 0 (masked out) keep 0."""
+    if not bool(nan_items.any()):
         return grad
+    inside = frame_mask(grad.shape[0], input_lengths) & nan_items[None, :]
+    return grad.masked_fill_(inside[..., None], torch.nan)
+
+
+def _upstream(grad_nll: Tensor) -> Tensor:
+    """The upstream ``(B,)`` gradient with infinities made 0 (an infinite loss has none);
+    NaN stays NaN."""
+    return torch.nan_to_num(grad_nll, nan=torch.nan, posinf=0.0, neginf=0.0)
 
 
 def _use_kernels(trellis: CTCTrellis, log_probs: Tensor) -> bool:
@@ -178,13 +205,14 @@ class _FusedCTC(torch.autograd.Function):
     def backward(ctx, grad_nll: Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        grad_nll = torch.nan_to_num(grad_nll, posinf=0.0, neginf=0.0)
+        grad_nll = _upstream(grad_nll)
         if ctx.kernel_state is not None:
             return ctx.kernel_state.grad(grad_nll), None, None
         emissions, alphas = ctx.saved_tensors
-        gamma = state_posteriors(ctx.trellis, emissions, alphas)
-        grad = class_posteriors(ctx.trellis, gamma, ctx.num_classes)
-        return grad.mul_(-grad_nll[None, :, None]), None, None
+        gamma = state_posteriors(ctx.trellis, emissions, alphas).nan_to_num_(nan=0.0)
+        grad = class_posteriors(ctx.trellis, gamma, ctx.num_classes).mul_(-grad_nll[None, :, None])
+        nan_items = torch.isnan(log_likelihood(ctx.trellis, alphas)) & (grad_nll != 0)
+        return with_nan_items(grad, nan_items, ctx.trellis.input_lengths), None, None
 
 
 def fused_nll(trellis: CTCTrellis, log_probs: Tensor, use_kernels: bool | None = None) -> Tensor:
@@ -223,13 +251,15 @@ class _CudaBuiltinCTC(torch.autograd.Function):
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         x, nll, input_lengths = ctx.saved_tensors
         finite = torch.isfinite(nll.detach())
-        g = torch.where(finite, torch.nan_to_num(grad_nll, posinf=0.0, neginf=0.0), 0.0)
+        upstream = _upstream(grad_nll)
+        g = torch.where(finite, upstream, 0.0)
         (builtin,) = torch.autograd.grad(nll, x, g)
         T = x.shape[0]
         inside = frame_mask(T, input_lengths)[..., None]
         true = builtin - g[None, :, None] * x.detach().exp()
         keep = inside & finite[None, :, None] & torch.isfinite(x)
-        return torch.where(keep, true, 0.0), None, None, None, None
+        grad = torch.where(keep, true, 0.0)
+        return with_nan_items(grad, torch.isnan(nll.detach()) & (upstream != 0), input_lengths), None, None, None, None
 
 
 def builtin_cuda_nll(log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int) -> Tensor:

@@ -25,7 +25,7 @@ class CTCBatch:
         target_lengths: ``(B,)`` int64 on ``log_probs.device``.
         blank: index of the blank class.
         unbatched: True when the caller passed ``(T, C)`` log-probs.
-        max_input_length: ``max(input_lengths)`` as a Python int (0 for an empty batch).
+        max_input_length: ``max(input_lengths)`` as a Python int.
     """
 
     log_probs: Tensor
@@ -56,6 +56,42 @@ def frame_mask(num_frames: int, input_lengths: Tensor) -> Tensor:
     return torch.arange(num_frames, device=input_lengths.device)[:, None] < input_lengths[None, :]
 
 
+def first_invalid(log_probs: Tensor, input_lengths: Tensor) -> tuple[int, int, float] | None:
+    """``(item, frame, value)`` of the first NaN or ``+inf`` inside an item's frames of
+    ``(T, B, C)`` scores, or None. Beyond an item's input length is padding and does not count."""
+    if not log_probs.numel():
+        return None
+    bad = torch.isnan(log_probs) | (log_probs == torch.inf)
+    bad = bad.any(-1) & frame_mask(log_probs.shape[0], input_lengths)
+    if not bool(bad.any()):
+        return None
+    t, b = (int(i) for i in bad.nonzero()[0])
+    value = float(log_probs[t, b][torch.isnan(log_probs[t, b]) | (log_probs[t, b] == torch.inf)][0])
+    return b, t, value
+
+
+def check_scores(log_probs: Tensor, input_lengths: Tensor, name: str = "log_probs") -> None:
+    """Raise a ValueError naming the first item and frame whose scores hold NaN or ``+inf``
+    (inside its input length): for alignment and posteriors, where neither has a meaningful
+    answer (``-inf``, probability 0, is fine)."""
+    where = first_invalid(log_probs, input_lengths)
+    if where is not None:
+        b, t, value = where
+        raise ValueError(
+            f"{name} hold {value} at item {b}, frame {t} (inside its input length): "
+            "log-scores must be finite or -inf; check the model's output (what lies beyond an item's input length is ignored)"
+        )
+
+
+def time_major(log_probs: Tensor, batch_first: bool) -> Tensor:
+    """``(B, T, C)`` -> ``(T, B, C)`` when ``batch_first`` (a view); anything else unchanged."""
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
+    if batch_first and isinstance(log_probs, Tensor) and log_probs.dim() == 3:
+        return log_probs.transpose(0, 1)
+    return log_probs
+
+
 def ctc_batch(
     log_probs: Tensor,
     targets: Tensor | None,
@@ -64,18 +100,22 @@ def ctc_batch(
     blank: int = 0,
     *,
     check_target_values: bool = True,
+    batch_first_hint: bool = False,
 ) -> CTCBatch:
     """Check CTC inputs and bring them to the canonical padded, batched form.
 
     Accepts what ``torch.nn.functional.ctc_loss`` accepts: ``log_probs`` ``(T, B, C)`` or ``(T, C)``;
     ``targets`` padded ``(B, S)``, concatenated ``(sum(target_lengths),)`` or unbatched ``(S,)``;
-    lengths as int tensors (any device), sequences or ints. ``None`` lengths mean "full length"
-    (the whole time axis, the whole padded target row).
+    lengths as int tensors (any device, 0-D for a batch of one), sequences or ints. ``None``
+    lengths mean "full length" (the whole time axis, the whole padded target row).
+    ``batch_first_hint``: the caller takes ``batch_first``; errors from lengths that would fit
+    batch-major input say so.
 
     Raises:
         TypeError: non-floating ``log_probs``, non-integer targets or lengths.
         ValueError: wrong ranks, batch-size mismatches, lengths out of range, target values outside
-            ``[0, C)`` or equal to ``blank``, ``blank`` outside ``[0, C)``.
+            ``[0, C)`` or equal to ``blank``, ``blank`` outside ``[0, C)``, an empty batch (B = 0:
+            like the built-in, which refuses it; every reduction of nothing would be made up).
     """
     if not isinstance(log_probs, Tensor):
         raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
@@ -87,6 +127,8 @@ def ctc_batch(
     if unbatched:
         log_probs = log_probs.unsqueeze(1)
     T, B, C = log_probs.shape
+    if B == 0:
+        raise ValueError("log_probs hold an empty batch (B = 0, shape (T, 0, C)): pass at least one item")
     if C < 1:
         raise ValueError("log_probs must have at least one class (C >= 1)")
     if isinstance(blank, bool) or not isinstance(blank, int):
@@ -122,24 +164,33 @@ def ctc_batch(
     else:
         target_lengths = _lengths_tensor("target_lengths", target_lengths, device)
 
+    hint = ""
+    if batch_first_hint and not unbatched:
+        hint = "; if log_probs is batch-major (B, T, C), pass batch_first=True"
+    if B == 1:  # a 0-D length for a batch of one, as the built-in accepts
+        input_lengths = input_lengths.reshape(1) if input_lengths.dim() == 0 else input_lengths
+        target_lengths = target_lengths.reshape(1) if target_lengths.dim() == 0 else target_lengths
     for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
         if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(f"{name} must have shape (B,) = ({B},) to match log_probs, got {tuple(lengths.shape)}")
-    if B and int(input_lengths.min()) < 0:
+            raise ValueError(
+                f"{name} must have shape (B,) = ({B},) to match log_probs (T, B, C) = {tuple(log_probs.shape)}, "
+                f"got {tuple(lengths.shape)}{hint}"
+            )
+    if int(input_lengths.min()) < 0:
         raise ValueError("input_lengths must be >= 0")
-    if B and int(input_lengths.max()) > T:
-        raise ValueError(f"input_lengths must be <= T = {T} (log_probs.shape[0]), got {int(input_lengths.max())}")
-    if B and int(target_lengths.min()) < 0:
+    if int(input_lengths.max()) > T:
+        raise ValueError(f"input_lengths must be <= T = {T} (log_probs.shape[0]), got {int(input_lengths.max())}{hint}")
+    if int(target_lengths.min()) < 0:
         raise ValueError("target_lengths must be >= 0")
 
     if targets.dim() == 2:
         if targets.shape[0] != B:
             raise ValueError(f"targets has batch size {targets.shape[0]}, log_probs has {B}")
-        if B and int(target_lengths.max()) > targets.shape[1]:
+        if int(target_lengths.max()) > targets.shape[1]:
             raise ValueError(
                 f"target_lengths must be <= the padded target width {targets.shape[1]}, got {int(target_lengths.max())}"
             )
-        width = int(target_lengths.max()) if B else 0
+        width = int(target_lengths.max())
         padded = targets[:, :width]
     elif targets.dim() == 1:
         total = int(target_lengths.sum())
@@ -147,7 +198,7 @@ def ctc_batch(
             raise ValueError(
                 f"concatenated 1-D targets must have length sum(target_lengths) = {total}, got {targets.shape[0]}"
             )
-        width = int(target_lengths.max()) if B else 0
+        width = int(target_lengths.max())
         offsets = torch.cumsum(target_lengths, 0) - target_lengths
         index = offsets[:, None] + torch.arange(width, device=device)
         padded = targets[index.clamp(max=max(total - 1, 0))] if total else torch.zeros(B, width, dtype=torch.int64, device=device)
@@ -171,5 +222,5 @@ def ctc_batch(
         target_lengths=target_lengths,
         blank=blank,
         unbatched=unbatched,
-        max_input_length=int(input_lengths.max()) if B else 0,
+        max_input_length=int(input_lengths.max()),
     )

@@ -84,7 +84,8 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
     """Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
     and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
     ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
-    and whether any variable fell below :data:`TINY`."""
+    and whether any variable fell below :data:`TINY`; NaN if a score the item reads (its labels',
+    blank's) is NaN at one of its frames, as the log-space recursion would give."""
     flagged = False
     for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1
         state[0, s] = 0.0
@@ -95,9 +96,13 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
     n = num_classes[b]
     for t in range(Tb):
         frame_max = -np.inf
+        nan = False
         for u in range(n):
             shifted[u] = log_probs[t, b, classes[b, u]]
             frame_max = max(frame_max, shifted[u])
+            nan |= shifted[u] != shifted[u]
+        if nan:  # max() and the exp below would read NaN as probability 0: a finite, wrong loss
+            return np.nan, False
         if frame_max == -np.inf:  # every label impossible at this frame
             ok = False
             break
@@ -229,8 +234,9 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
             distinct label.
 
     Returns:
-        ``(B,)`` float64 log-likelihood (-inf if no path), ``(B,)`` float64 bound on the
-        relative error that underflow caused (0 where the backward pass did not run).
+        ``(B,)`` float64 log-likelihood (-inf if no path, NaN if the item reads a NaN score;
+        such items' posteriors are left 0), ``(B,)`` float64 bound on the relative error that
+        underflow caused (0 where the backward pass did not run).
     """
     B = log_probs.shape[1]
     threads, _, S = alpha.shape

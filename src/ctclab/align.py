@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._inputs import Lengths, ctc_batch
+from ._inputs import Lengths, check_scores, ctc_batch, time_major
+from ._memory import check_memory
 from .loss import compute_dtype
 from .targets import state_occupation
 from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
@@ -28,6 +29,9 @@ from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
 class Alignment(tuple):
     """``(labels, scores)`` — unpacks like a pair — with more on attributes.
 
+    It remembers the trellis it was found on (``blank``, ``topology``, ``delay_penalty``), so
+    :func:`token_spans` and :func:`alignment_posteriors` read the same graph without being told.
+
     Attributes:
         labels: ``(B, T)`` int64, the label of every frame on the best path (blank included,
             :data:`STAR` for wildcard frames); ``blank`` at and beyond an item's input length.
@@ -35,13 +39,18 @@ class Alignment(tuple):
         states: ``(B, T)`` int64, the trellis state of each frame (``2i + 1`` = i-th token,
             even = blank before token ``i/2``); -1 beyond the input length.
         path_score: ``(B,)`` total log-score of the best path (the sum of ``scores``).
-        aligned: ``(B,)`` bool; False for infeasible items skipped with ``skip_infeasible=True``
-            (their labels are all blank, scores 0, path_score -inf).
+        aligned: ``(B,)`` bool; False for items skipped with ``skip_infeasible=True`` (no path:
+            their labels are all blank, scores 0, path_score -inf).
+        blank: the blank index; topology, delay_penalty: the trellis's options.
     """
 
-    def __new__(cls, labels: Tensor, scores: Tensor, states: Tensor, path_score: Tensor, aligned: Tensor):
+    def __new__(
+        cls, labels: Tensor, scores: Tensor, states: Tensor, path_score: Tensor, aligned: Tensor,
+        blank: int = 0, topology: Topology = "standard", delay_penalty: float = 0.0,
+    ):
         obj = super().__new__(cls, (labels, scores))
         obj.states, obj.path_score, obj.aligned = states, path_score, aligned
+        obj.blank, obj.topology, obj.delay_penalty = blank, topology, delay_penalty
         return obj
 
     @property
@@ -50,7 +59,10 @@ class Alignment(tuple):
 
     def item(self, b: int) -> "Alignment":
         """Item ``b`` of a batched alignment, as an unbatched one."""
-        return Alignment(self.labels[b], self.scores[b], self.states[b], self.path_score[b], self.aligned[b])
+        return Alignment(
+            self.labels[b], self.scores[b], self.states[b], self.path_score[b], self.aligned[b],
+            self.blank, self.topology, self.delay_penalty,
+        )
 
     @property
     def scores(self) -> Tensor:
@@ -63,6 +75,10 @@ def _viterbi_torch(trellis: CTCTrellis, log_probs: Tensor) -> tuple[Tensor, Tens
     T, B, _ = log_probs.shape
     S = trellis.labels.shape[1]
     device = log_probs.device
+    # an item without frames has the empty path if its target is empty, else none
+    no_frames = torch.where(trellis.target_lengths == 0, 0.0, NEG).double()
+    if T == 0:
+        return torch.full((B, 0), -1, dtype=torch.int64, device=device), no_frames
     width = (S + 3) // 4
     packed = torch.zeros(T, B, width, dtype=torch.uint8, device=device)
     shifts = (2 * torch.arange(4, device=device)).repeat(width)[:S]
@@ -90,6 +106,7 @@ def _viterbi_torch(trellis: CTCTrellis, log_probs: Tensor) -> tuple[Tensor, Tens
     use_label = (trellis.target_lengths > 0) & (score_label > score_blank)
     state = torch.where(use_label, last_label, S_b - 1)
     path_score = torch.where(use_label, score_label, score_blank)
+    path_score = torch.where(trellis.input_lengths == 0, no_frames, path_score)
     states = torch.full((B, T), -1, dtype=torch.int64, device=device)
     items = torch.arange(B, device=device)
     for t in range(T - 1, -1, -1):
@@ -127,6 +144,7 @@ def forced_align(
     topology: Topology = "standard",
     delay_penalty: float = 0.0,
     impl: str = "auto",
+    batch_first: bool = False,
 ) -> Alignment:
     r"""Best alignment (Viterbi path) of each target to its frames, for a whole batch at once.
 
@@ -141,18 +159,26 @@ def forced_align(
             (a missing start, end or middle) is absorbed there instead of being forced onto
             the text. Like the MMS alignment recipe's appended ``<star>`` column, but scored
             relative to the frame's best class so that real tokens win where they fit.
-        skip_infeasible: items whose target cannot fit (``T_b < L_b + repeats``) raise a
-            ``ValueError`` naming them by default; with True they are skipped (``aligned`` False).
+        skip_infeasible: items without any path of non-zero probability — the target cannot
+            fit (``T_b < L_b + repeats``), or every path meets a ``-inf`` score (a target class
+            that is ``-inf`` on every frame, ``star=inf``) — raise a ``ValueError`` naming them
+            by default; with True they are skipped (``aligned`` False).
         checkpoint_every: keep only every K-th frame's scores and recompute backpointers per
             segment (CPU kernel): bounded memory for long inputs at ~2x the time.
         topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
         delay_penalty: as for :func:`ctclab.ctc_loss`; ``path_score`` then includes the entry
             weights (``scores`` stay the emission log-probs).
         impl: ``'auto'`` (numba kernel on CPU, PyTorch elsewhere), ``'kernel'`` or ``'torch'``.
+        batch_first: ``log_probs`` is ``(B, T, C)`` (Hugging Face models' logits, torchaudio's
+            aligner's ``(1, T, C)``); the results are those of the time-major call.
 
     Returns:
         :class:`Alignment`: ``labels, scores = forced_align(...)``, both ``(B, T)`` (or ``(T,)``
         unbatched), plus ``states``, ``path_score`` and ``aligned``.
+
+    Raises:
+        ValueError: as :func:`ctclab.ctc_loss` for malformed input; NaN inside an item's frames
+            (naming the item and frame); items without a path (unless ``skip_infeasible``).
     """
     if impl not in ("auto", "kernel", "torch"):
         raise ValueError(f"impl must be 'auto', 'kernel' or 'torch', got {impl!r}")
@@ -160,11 +186,13 @@ def forced_align(
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
     if star is not None and not (isinstance(star, (int, float)) and star == star):
         raise TypeError(f"star must be a penalty in nats (a float) or None, got {star!r}")
+    log_probs = time_major(log_probs, batch_first)
     if isinstance(log_probs, Tensor) and log_probs.is_floating_point() and log_probs.dim() in (2, 3) and star is not None:
         log_probs, targets = add_wildcard(log_probs, targets, float(star))
     elif isinstance(targets, Tensor) and bool((targets == STAR).any()):
         raise ValueError("targets contain STAR (-1) but star is None: pass star=<penalty> to use the wildcard")
-    batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
+    batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank, batch_first_hint=True)
+    check_scores(batch.log_probs, batch.input_lengths)
     trellis = CTCTrellis.build(batch, topology, delay_penalty)
     feasible = trellis.feasible
     if not bool(feasible.all()) and not skip_infeasible:
@@ -175,13 +203,30 @@ def forced_align(
         )
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
     use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu")
+    T, B, _ = lp.shape
+    S = trellis.labels.shape[1]
     if use_kernel:
+        K = min(checkpoint_every or max(T, 1), max(T, 1))
+        # per thread: packed backpointers of a segment, checkpoints, two score rows
+        per_item = K * ((S + 3) // 4) + 8 * (T // K + 3) * (S + 6)
+        check_memory(min(B, _threads()) * per_item + 16 * B * T, lp.device, "forced_align",
+                     "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
         states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
     else:
+        # packed backpointers, a (B, S) float64 step's temporaries, the states
+        check_memory(T * B * ((S + 3) // 4 + 8) + 64 * B * S, lp.device, "forced_align",
+                     "align shorter segments (the CPU kernel also takes checkpoint_every)")
         states, path_score = _viterbi_torch(trellis, lp)
     states = states.to(lp.device)
     path_score = path_score.to(lp.device, lp.dtype)
     aligned = feasible & (path_score > NEG / 2)
+    if not bool(aligned.all()) and not skip_infeasible:
+        bad = torch.nonzero(~aligned)[:, 0].tolist()
+        raise ValueError(
+            f"items {bad} cannot be aligned: every path through their target meets a score of -inf "
+            "(a target class that is -inf on every frame it could take, or star=inf); "
+            "check the transcript against the emissions, or pass skip_infeasible=True to skip them"
+        )
     states = torch.where(aligned[:, None], states, -1)
     path_score = torch.where(aligned, path_score, -torch.inf)
     inside = states >= 0
@@ -189,8 +234,28 @@ def forced_align(
     scores = torch.where(inside, lp.transpose(0, 1).gather(2, labels.clamp(min=0)[..., None])[..., 0], 0.0)
     if star is not None:
         labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
-    result = Alignment(labels, scores, states, path_score, aligned)
+    result = Alignment(labels, scores, states, path_score, aligned, blank, topology, float(delay_penalty))
     return result.item(0) if batch.unbatched else result
+
+
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _trellis_option(name: str, given, alignment, default):
+    """An option of :func:`alignment_posteriors`: the Alignment's own unless given; a given
+    value that contradicts the Alignment's is an error (the posteriors would be of another graph)."""
+    remembered = getattr(alignment, name, None)
+    if given is None:
+        return default if remembered is None else remembered
+    if remembered is not None and given != remembered:
+        raise ValueError(
+            f"{name}={given!r} contradicts the alignment, which was found with {name}={remembered!r}: "
+            f"omit {name} to use the alignment's"
+        )
+    return given
 
 
 def alignment_posteriors(
@@ -199,22 +264,55 @@ def alignment_posteriors(
     alignment: Alignment,
     input_lengths: Lengths | None = None,
     target_lengths: Lengths | None = None,
-    blank: int = 0,
+    blank: int | None = None,
     star: float | None = None,
-    topology: Topology = "standard",
+    topology: Topology | None = None,
+    *,
+    delay_penalty: float | None = None,
+    batch_first: bool = False,
 ) -> Tensor:
     r"""``(B, T)`` posterior probability :math:`\gamma_t(s_t)` that frame t is occupied by the state
     the alignment put it in (forward-backward over the same trellis as the loss; 0 beyond the
     input length). Unlike emission scores, it accounts for every competing alignment of the
     transcript: a token whose boundaries could shift at little cost gets low posterior at its
-    edges. Memory ``O(T * B * S)``."""
-    gamma = state_occupation(log_probs, targets, input_lengths, target_lengths, blank, topology, star)
-    if gamma.dim() == 2:
+    edges. Memory ``O(T * B * S)``.
+
+    Args:
+        log_probs, targets, input_lengths, target_lengths, star: those given to :func:`forced_align`.
+        alignment: its result, ``states`` ``(B, T)`` (or ``(T,)``).
+        blank, topology, delay_penalty: default to the alignment's own (an :class:`Alignment`
+            remembers them; otherwise 0, ``'standard'``, 0).
+        batch_first: ``log_probs`` is ``(B, T, C)``.
+
+    Raises:
+        ValueError: ``alignment`` does not match ``log_probs`` (shape), an option contradicts the
+            alignment's, NaN inside an item's frames.
+    """
+    blank = _trellis_option("blank", blank, alignment, 0)
+    topology = _trellis_option("topology", topology, alignment, "standard")
+    delay_penalty = _trellis_option("delay_penalty", delay_penalty, alignment, 0.0)
+    states = getattr(alignment, "states", None)
+    if not isinstance(states, Tensor):
+        raise TypeError(f"alignment must be the Alignment returned by forced_align, got {type(alignment).__name__}")
+    log_probs = time_major(log_probs, batch_first)
+    gamma = state_occupation(log_probs, targets, input_lengths, target_lengths, blank, topology, star,
+                             delay_penalty=delay_penalty)
+    unbatched = gamma.dim() == 2
+    if unbatched:
         gamma = gamma[:, None]
-    states = alignment.states if alignment.states.dim() == 2 else alignment.states[None]
+    T, B, S = gamma.shape
+    if states.dim() != (1 if unbatched else 2) or tuple(states.shape) != ((T,) if unbatched else (B, T)):
+        expected = (T,) if unbatched else (B, T)
+        raise ValueError(
+            f"alignment.states must have shape {expected} to match log_probs {tuple(log_probs.shape)}, "
+            f"got {tuple(states.shape)}: pass the alignment of these log_probs"
+        )
+    states = states.reshape(B, T).to(gamma.device)
+    if bool((states >= S).any()):
+        raise ValueError(f"alignment.states refer to states beyond the targets' {S}: pass the alignment of these targets")
     post = gamma.permute(1, 0, 2).gather(2, states.clamp(min=0)[..., None])[..., 0]
     post = torch.where(states >= 0, post, 0.0)
-    return post[0] if alignment.states.dim() == 1 else post
+    return post[0] if unbatched else post
 
 
 @dataclass(slots=True)  # not frozen, like torchaudio's: a frozen dataclass takes 4x longer to create
@@ -268,17 +366,30 @@ def _spans_of_item(states: Sequence[int], labels: Sequence[int], probs: Sequence
 
 
 def token_spans(
-    alignment: Alignment | tuple[Tensor, Tensor], blank: int = 0, posteriors: Tensor | None = None
+    alignment: Alignment | tuple[Tensor, Tensor], blank: int | None = None, posteriors: Tensor | None = None
 ) -> list[list[TokenSpan]]:
     """Per item, the list of :class:`TokenSpan` of an alignment (blanks dropped).
 
     ``alignment``: the result of :func:`forced_align`, or a ``(labels, scores)`` pair of ``(B, T)``
     (or ``(T,)``) tensors — then consecutive equal non-blank labels form one token (ambiguous only
     for the modified topology, where the Alignment's ``states`` tell tokens apart).
+    ``blank``: default the Alignment's own (0 for a plain pair); a different value is an error.
     ``posteriors``: optional ``(B, T)`` from :func:`alignment_posteriors` for ``confidence``.
     """
+    if not isinstance(alignment, (tuple, list)) or len(alignment) != 2:
+        raise TypeError("alignment must be the Alignment returned by forced_align, or a (labels, scores) pair of tensors")
+    blank = _trellis_option("blank", blank, alignment, 0)
     labels, scores = alignment[0], alignment[1]
+    if not isinstance(labels, Tensor) or not isinstance(scores, Tensor):
+        raise TypeError("alignment must hold (labels, scores) tensors")
+    if labels.dim() not in (1, 2):
+        raise ValueError(f"alignment labels must be (B, T) or (T,), got shape {tuple(labels.shape)}")
     states = getattr(alignment, "states", None)
+    if posteriors is not None and (not isinstance(posteriors, Tensor) or posteriors.shape != labels.shape):
+        shape = tuple(posteriors.shape) if isinstance(posteriors, Tensor) else type(posteriors).__name__
+        raise ValueError(
+            f"posteriors must have the alignment's shape {tuple(labels.shape)} (from alignment_posteriors), got {shape}"
+        )
     if labels.dim() == 1:
         labels, scores = labels[None], scores[None]
         states = None if states is None else states[None]

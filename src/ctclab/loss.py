@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ._inputs import CTCBatch, Lengths, ctc_batch
+from ._memory import check_memory
 from .scaled import negative_log_likelihood as scaled_nll
-from .trellis import CTCTrellis, Topology
+from .trellis import TOPOLOGIES, CTCTrellis, Topology, check_delay_penalty
 from .trellis import negative_log_likelihood as trellis_nll
 
 Reduction = Literal["none", "mean", "sum"]
@@ -41,6 +42,13 @@ def check_options(reduction: str, impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
+def check_graph_options(topology: str, delay_penalty: float) -> None:
+    """The trellis's options, checked where they are stored (e.g. :class:`CTCLoss`), not at the first call."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+    check_delay_penalty(delay_penalty)
+
+
 def negative_log_likelihood(
     batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
 ) -> Tensor:
@@ -54,9 +62,20 @@ def negative_log_likelihood(
         # its gradient is corrected to the true one (no trellis needed)
         return builtin_cuda_nll(log_probs, batch.targets, batch.input_lengths, batch.target_lengths, batch.blank)
     trellis = CTCTrellis.build(batch, topology, delay_penalty)
+    if impl == "autograd" or log_probs.device.type != "cpu":
+        # autograd keeps each frame's (B, S) forward variables and more; so does the log-space
+        # forward-backward of other devices (the CPU kernels check their own scratch)
+        T, B, S = log_probs.shape[0], *trellis.labels.shape
+        check_memory(3 * T * B * S * log_probs.element_size(), log_probs.device,
+                     f"ctc_loss (impl={impl!r}, T={T}, B={B}, S={S} states)",
+                     "use shorter inputs or a smaller batch" + (" (or impl='fused' on CPU)" if impl == "autograd" else ""))
     if impl != "autograd":
         return fused_nll(trellis, log_probs)
-    return trellis_nll(trellis, log_probs) if delay_penalty else scaled_nll(trellis, log_probs)
+    nll = trellis_nll(trellis, log_probs) if delay_penalty else scaled_nll(trellis, log_probs)
+    if log_probs.requires_grad and torch.is_grad_enabled() and not nll.requires_grad:
+        # no item has a frame (T = 0, or every input length 0): a zero gradient, not a missing graph
+        nll = nll + log_probs[:0].sum()
+    return nll
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
@@ -153,6 +172,7 @@ class CTCLoss(nn.Module):
     ):
         super().__init__()
         check_options(reduction, impl)
+        check_graph_options(topology, delay_penalty)
         self.blank = blank
         self.reduction = reduction
         self.zero_infinity = zero_infinity
@@ -167,4 +187,7 @@ class CTCLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"blank={self.blank}, reduction={self.reduction!r}, zero_infinity={self.zero_infinity}, impl={self.impl!r}"
+        return (
+            f"blank={self.blank}, reduction={self.reduction!r}, zero_infinity={self.zero_infinity}, impl={self.impl!r}, "
+            f"topology={self.topology!r}, delay_penalty={self.delay_penalty}"
+        )

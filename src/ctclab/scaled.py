@@ -126,7 +126,10 @@ class ScaledForward:
         """``(B,)`` bool: the item's log-likelihood is that of the log-space recursion to within
         :data:`MAX_UNDERFLOW_ERROR` (impossible items and items without frames included)."""
         trellis = self.trellis
-        exact = ~trellis.feasible | (trellis.input_lengths == 0)
+        # NaN: a score the item reads is NaN, and so is its log-space likelihood
+        exact = ~trellis.feasible | (trellis.input_lengths == 0) | torch.isnan(self.log_likelihood.detach())
+        if bool(exact.all()):
+            return exact
         survived = torch.isfinite(self.log_likelihood.detach())
         bound = underflow_bound(self)
         return exact | (survived & (bound <= MAX_UNDERFLOW_ERROR[self.emissions.dtype]))
@@ -152,7 +155,9 @@ def _state_emissions(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype)
     scores = (log_probs if C <= S else log_probs.gather(2, index)).to(dtype)
     if ragged:
         scores = torch.where(inside, scores, 0.0)
-    shift = scores.detach().amax(2, keepdim=True).clamp_(min=NEG)
+    # a NaN score of a class no state reads must not spoil its frame's shift (nor the gradient)
+    shift = (scores.detach().nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf) if C <= S else scores.detach())
+    shift = shift.amax(2, keepdim=True).clamp_(min=NEG)
     emissions = (scores - shift).exp()
     if C <= S:
         emissions = emissions.gather(2, index)

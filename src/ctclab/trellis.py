@@ -43,6 +43,17 @@ Topology = Literal["standard", "modified"]
 TOPOLOGIES = ("standard", "modified")
 
 
+def check_delay_penalty(delay_penalty: float) -> None:
+    """``delay_penalty`` must be a finite number >= 0 (0: plain CTC)."""
+    if isinstance(delay_penalty, bool) or not isinstance(delay_penalty, (int, float)):
+        raise TypeError(f"delay_penalty must be a number >= 0, got {type(delay_penalty).__name__}")
+    if not math.isfinite(delay_penalty) or delay_penalty < 0:
+        raise ValueError(
+            f"delay_penalty must be finite and >= 0 (the weight lam of exp(-lam (t - T/2)); 0 is plain CTC), "
+            f"got {delay_penalty!r}"
+        )
+
+
 @dataclass(frozen=True)
 class CTCTrellis:
     """The CTC state graph of a batch, unrolled over time.
@@ -75,8 +86,7 @@ class CTCTrellis:
         """
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
-        if not isinstance(delay_penalty, (int, float)) or delay_penalty != delay_penalty:
-            raise TypeError(f"delay_penalty must be a real number, got {delay_penalty!r}")
+        check_delay_penalty(delay_penalty)
         targets = batch.targets
         B, L = targets.shape
         S = 2 * L + 1

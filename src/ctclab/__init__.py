@@ -1,4 +1,5 @@
 """ctclab: Connectionist Temporal Classification on PyTorch — loss, alignment, targets, decoding."""
+from ._memory import InsufficientMemoryError
 from .align import Alignment, TokenSpan, WordSpan, alignment_posteriors, forced_align, frames_to_seconds, token_spans, word_spans
 from .decode import BeamSearchDecoder, Hypothesis, WordTiming, greedy_decode
 from .lm import KenLM, NGramLM, load_lm
@@ -13,6 +14,7 @@ __all__ = [
     "CTCLoss",
     "CTCTrellis",
     "Hypothesis",
+    "InsufficientMemoryError",
     "KenLM",
     "NEG",
     "NGramLM",

@@ -61,6 +61,9 @@ def first_invalid(log_probs: Tensor, input_lengths: Tensor) -> tuple[int, int, f
     ``(T, B, C)`` scores, or None. Beyond an item's input length is padding and does not count."""
     if not log_probs.numel():
         return None
+    top = float(log_probs.detach().amax())  # one reduction; NaN if any NaN
+    if top == top and top != torch.inf:
+        return None
     bad = torch.isnan(log_probs) | (log_probs == torch.inf)
     bad = bad.any(-1) & frame_mask(log_probs.shape[0], input_lengths)
     if not bool(bad.any()):

@@ -108,27 +108,28 @@ def test_align_cli_npy_plot_and_star(files, capsys):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,message,status",
     [
-        (["--text", "ab xz"], "'x'"),
-        (["--text", "AB"], "--case"),
-        (["--text", "ab", "--vocab", "missing.txt"], "cannot read vocabulary"),
-        (["--text", "ab", "--blank", "9"], "--blank"),
+        (["--text", "ab xz"], "'x'", 1),  # the transcript does not fit the vocabulary: data
+        (["--text", "AB"], "--case", 1),
+        (["--text", "ab", "--vocab", "missing.txt"], "cannot read vocabulary", 2),  # names no file: usage
+        (["--text", "ab", "--blank", "9"], "--blank", 2),
     ],
 )
-def test_align_cli_errors(files, args, message, capsys):
+def test_align_cli_errors(files, args, message, status, capsys):
     base = ["align", str(files / "em.pt"), "--vocab", str(files / "vocab.txt")]
     if "--vocab" in args:
         base = ["align", str(files / "em.pt")]
         args = [a if a != "missing.txt" else str(files / "missing.txt") for a in args]
-    assert main(base + args) == 2
-    assert message in capsys.readouterr().err
+    assert main(base + args) == status
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_align_cli_rejects_bad_emission_files(files, capsys):
     (files / "bad.npy").write_bytes(b"not numpy")
-    assert main(["align", str(files / "bad.npy"), "--text", "ab", "--vocab", str(files / "vocab.txt")]) == 2
+    assert main(["align", str(files / "bad.npy"), "--text", "ab", "--vocab", str(files / "vocab.txt")]) == 1
     assert "cannot read emissions" in capsys.readouterr().err
     np.save(files / "wide.npy", np.zeros((10, 9), dtype=np.float32))
-    assert main(["align", str(files / "wide.npy"), "--text", "ab", "--vocab", str(files / "vocab.txt")]) == 2
-    assert "vocabulary has 6" in capsys.readouterr().err
+    assert main(["align", str(files / "wide.npy"), "--text", "ab", "--vocab", str(files / "vocab.txt")]) == 1
+    assert "has 6 tokens" in capsys.readouterr().err

@@ -1,10 +1,53 @@
-"""The ``ctclab`` command line."""
+"""The ``ctclab`` command line.
+
+Every failure is one line on standard error, ``ctclab COMMAND: error: ...``, and exit status 2
+(usage: a bad flag or value, a path that names no file) or 1 (data: an unreadable or malformed
+file, shapes that contradict each other, NaN in the emissions, a text that cannot be aligned,
+an output that cannot be written). Output files are written atomically: a temporary file in
+the destination folder, then a rename, so a failed or interrupted write leaves the previous
+file as it was. Set ``CTCLAB_TRACEBACK=1`` to see the traceback of an unexpected error.
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+EMISSION_KEYS = ("logits", "log_probs", "emissions")
+LENGTH_KEYS = ("input_lengths", "lengths")
+PER_FILE_FORMATS = ("textgrid", "srt", "vtt")
+EXTENSIONS = {"json": "json", "ctm": "ctm", "textgrid": "TextGrid", "srt": "srt", "vtt": "vtt"}
 
 
+class CommandError(Exception):
+    """A failure reported in one line: ``status`` 1 for data errors, 2 for usage errors."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def _usage(message: str) -> CommandError:
+    return CommandError(message, 2)
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception's message, its type when it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", lines[0])
+    if len(line) > 200 and ". " in line:  # torch's messages run on: keep the first sentence
+        line = line[: line.index(". ") + 1]
+    return line
+
+
+# -- argument types ---------------------------------------------------------------------------
 def _shape(text: str) -> tuple[int, int, int, int]:
     try:
         T, B, C, L = (int(v) for v in text.split(","))
@@ -15,9 +58,214 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     return T, B, C, L
 
 
+def _finite(positive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float (``positive``: > 0); NaN and infinities are usage errors."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number{' > 0' if positive else ''}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+# -- files in -----------------------------------------------------------------------------------
+def _require_file(flag: str, path: str | None, what: str | None = None) -> None:
+    """A path given on the command line must name a file (exit 2 otherwise: a usage error)."""
+    if path is None:
+        return
+    name = f"{what} {path!r} ({flag})" if what else f"{flag} {path!r}"
+    if not os.path.exists(path):
+        raise _usage(f"cannot read {name}: no such file")
+    if os.path.isdir(path):
+        raise _usage(f"cannot read {name}: it is a folder, not a file")
+
+
+def _load_array_file(path: str, what: str):
+    """The object a ``.pt``, ``.npy`` or ``.npz`` file holds: a tensor, a dict of them, or an
+    ``np.lib.npyio.NpzFile``'s arrays as a dict. Raises CommandError (exit 1) for anything unreadable."""
+    import numpy as np
+    import torch
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".pt", ".pth", ".npy", ".npz"):
+        raise _usage(f"{what} must be a .pt, .npy or .npz file, got {path!r}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise CommandError(f"cannot read {what} from {path!r}: the file is empty")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        numpy_file = magic.startswith((b"\x93NUMPY", b"PK"))  # .npy, or .npz (a zip archive)
+        torch_file = magic.startswith((b"PK", b"\x80"))  # torch.save's zip archive, or its legacy pickle
+        if not (numpy_file if suffix in (".npy", ".npz") else torch_file):
+            kind = "a NumPy .npy or .npz file" if suffix in (".npy", ".npz") else "a file written by torch.save"
+            raise CommandError(f"cannot read {what} from {path!r}: it is not {kind}")
+        if suffix in (".npy", ".npz"):
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    return {key: loaded[key] for key in loaded.files}
+            return loaded
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CommandError:
+        raise
+    except Exception as error:  # torch and numpy raise a dozen kinds for damaged files
+        message = str(error)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if found:
+            reason = (f"it holds a {found.group(1)}, which is not loaded (weights_only=True, for safety): "
+                      "save a tensor or a dict of tensors, e.g. torch.save(outputs.logits, path) or torch.save(dict(outputs), path)")
+        elif "allow_pickle" in message:
+            reason = "it holds Python objects (pickled), which are not loaded: save a numeric array"
+        else:
+            reason = f"the file is damaged or incomplete ({_one_line(error)})"
+        raise CommandError(f"cannot read {what} from {path!r}: {reason}") from None
+
+
+def load_emissions(path: str):
+    """``(emissions, lengths, logits)`` from a ``.pt`` file holding a tensor or a dict (as saved from
+    a Hugging Face model's output: ``torch.save(dict(outputs), path)``) with a ``logits``,
+    ``log_probs`` or ``emissions`` tensor, a ``.npy`` array, or a ``.npz`` archive with one of
+    those keys (or a single array). ``lengths`` comes from an ``input_lengths`` or ``lengths``
+    entry when there is one (else None); ``logits`` is True when the emissions came under the
+    ``logits`` key (they will be normalised). Shapes are checked by the caller."""
+    import numpy as np
+    import torch
+
+    data = _load_array_file(path, "emissions")
+    lengths, logits = None, False
+    if isinstance(data, dict):
+        key = next((k for k in EMISSION_KEYS if k in data), None)
+        if key is None:
+            arrays = [k for k, v in data.items() if isinstance(v, (torch.Tensor, np.ndarray)) and k not in LENGTH_KEYS]
+            if len(arrays) != 1:
+                raise CommandError(f"cannot read emissions from {path!r}: it holds a dict with keys {sorted(map(str, data))}, "
+                                   "and none is 'logits', 'log_probs' or 'emissions'")
+            key = arrays[0]
+        length_key = next((k for k in LENGTH_KEYS if k in data), None)
+        lengths = data[length_key] if length_key is not None else None
+        logits, data = key == "logits", data[key]
+    if isinstance(data, np.ndarray):
+        if not np.issubdtype(data.dtype, np.floating):
+            raise CommandError(f"emissions in {path!r} must be floating-point log-probs, got an array of {data.dtype}")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if not isinstance(data, torch.Tensor):
+        raise CommandError(f"emissions in {path!r} must be a tensor of log-probs (T, C) or (T, B, C), got a {type(data).__name__}")
+    if not data.is_floating_point():
+        raise CommandError(f"emissions in {path!r} must be floating-point log-probs, got a tensor of {data.dtype}")
+    if data.dim() not in (2, 3) or min(data.shape) < 1:
+        raise CommandError(f"emissions in {path!r} must be (T, C) or (T, B, C) (or (B, T, C) with --batch-first), "
+                           f"got shape {tuple(data.shape)}")
+    data = data.detach()
+    if lengths is not None:
+        lengths = _as_lengths(lengths, f"the lengths in {path!r}")
+    return data, lengths, logits
+
+
+def _as_lengths(value, what: str):
+    import numpy as np
+    import torch
+
+    try:
+        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        raise CommandError(f"{what} must be integers, got {type(value).__name__}") from None
+    if tensor.is_floating_point() and bool((tensor != tensor.round()).any()):
+        raise CommandError(f"{what} must be whole numbers of frames")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise CommandError(f"{what} must be integers, got {tensor.dtype}")
+    return tensor.reshape(-1).long()
+
+
+def _read_lengths(text: str):
+    """``--lengths``: comma-separated frame counts, or a file (.pt, .npy, or text) holding them."""
+    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text):
+        import torch
+
+        return torch.tensor([int(v) for v in text.split(",")])
+    if re.fullmatch(r"[\s\d,+-]+", text):
+        raise _usage(f"--lengths must be frame counts >= 0 separated by commas (e.g. 120,98), got {text!r}")
+    if not os.path.isfile(text):
+        raise _usage(f"--lengths {text!r} is neither frame counts separated by commas (e.g. 120,98) nor a file")
+    if Path(text).suffix.lower() in (".pt", ".pth", ".npy", ".npz"):
+        data = _load_array_file(text, "--lengths")
+        if isinstance(data, dict):
+            key = next((k for k in LENGTH_KEYS if k in data), None)
+            if key is None:
+                raise CommandError(f"--lengths {text!r} holds a dict without {' or '.join(LENGTH_KEYS)}")
+            data = data[key]
+        return _as_lengths(data, f"--lengths {text!r}")
+    try:
+        words = Path(text).read_text(encoding="utf-8").replace(",", " ").split()
+        import torch
+
+        return torch.tensor([int(w) for w in words])
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"cannot read --lengths {text!r}: {_one_line(error)}") from None
+    except ValueError:
+        raise CommandError(f"--lengths {text!r} must hold whole numbers of frames separated by spaces, commas or newlines") from None
+
+
+# -- files out ----------------------------------------------------------------------------------
+def _check_output(flag: str, path: str | None, folder: bool = False) -> None:
+    """Before anything is computed: ``path`` (or, for ``folder``, the folder) can be written —
+    missing folders will be created — else CommandError naming the flag."""
+    if path is None:
+        return
+    target = Path(path)
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise _usage(f"{flag} {path!r} is a file, not a folder")
+    elif target.is_dir() or path.endswith(("/", os.sep)):
+        raise _usage(f"{flag} {path!r} is a folder: give a file name")
+    ancestor = (target if folder else target.parent).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _usage(f"{flag} {path!r}: {str(ancestor)!r} is a file, so no folder can be made there")
+    problem = None if os.access(ancestor, os.W_OK | os.X_OK) else "is not writable"
+    if problem is None:
+        try:  # permissions can say yes where writes fail (root, read-only mounts): try one
+            tempfile.TemporaryFile(dir=ancestor, prefix=".ctclab-probe-").close()
+        except OSError as error:
+            problem = f"cannot be written ({error.strerror or _one_line(error)})"
+    if problem is not None:
+        raise CommandError(f"cannot write {flag} {path!r}: the folder {str(ancestor)!r} {problem}")
+
+
+def _write_output(flag: str, path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    from . import formats
+
+    try:
+        formats.write_atomically(path, write)
+    except OSError as error:
+        raise CommandError(f"cannot write {flag} {str(path)!r}: {error.strerror or _one_line(error)}") from None
+
+
+def _write_text(flag: str, path: str | Path, text: str) -> None:
+    _write_output(flag, path, lambda f: f.write(text.encode("utf-8")))
+
+
+# -- bench --------------------------------------------------------------------------------------
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    _check_output("--json", args.json)
     shapes = list(args.shape or [])
     if args.grid:
         shapes += bench.GRID
@@ -29,44 +277,118 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(bench.format_results(results))
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(bench.to_json(results))
+        _write_text("--json", args.json, bench.to_json(results))
     return 0
 
 
-def load_emissions(path: str):
-    """``.pt`` (a tensor) or ``.npy`` array of log-probs ``(T, C)`` or ``(T, B, C)``."""
-    import numpy as np
-    import torch
-
-    try:
-        if path.endswith(".npy"):
-            data = torch.from_numpy(np.load(path))
-        elif path.endswith(".pt"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(f"EMISSIONS must be a .pt or .npy file, got {path!r}")
-    except (OSError, ValueError, RuntimeError) as error:
-        if isinstance(error, ValueError) and "EMISSIONS" in str(error):
-            raise
-        raise ValueError(f"cannot read emissions from {path!r}: {error}") from None
-    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() not in (2, 3):
-        shape = tuple(data.shape) if isinstance(data, torch.Tensor) else type(data).__name__
-        raise ValueError(f"EMISSIONS must hold float log-probs (T, C) or (T, B, C), got {shape}")
-    return data
-
-
-def _vocab_and_emissions(args: argparse.Namespace):
-    """The vocabulary and the log-probs of ``align`` and ``decode``, checked against each other."""
+# -- emissions, checked -------------------------------------------------------------------------
+def _load_vocab(args: argparse.Namespace):
     from .vocab import Vocabulary
 
     vocab = Vocabulary.load(args.vocab)
-    emissions = load_emissions(args.emissions)
-    if emissions.shape[-1] != len(vocab):
-        raise ValueError(f"EMISSIONS have {emissions.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
     if not 0 <= args.blank < len(vocab):
-        raise ValueError(f"--blank must be a class index in [0, {len(vocab)}), got {args.blank}")
-    return vocab, emissions.log_softmax(-1) if args.log_softmax else emissions
+        raise _usage(f"--blank must be a class index in [0, {len(vocab)}) for the {len(vocab)} tokens of --vocab, got {args.blank}")
+    return vocab
+
+
+def _emissions(args: argparse.Namespace, vocab, command: str, utterances: int | None = None):
+    """Time-major ``(T, B, C)`` log-probs and ``(B,)`` lengths from EMISSIONS, checked: layout
+    against ``utterances`` (the number of texts) and the lengths, classes against the
+    vocabulary, no NaN or infinity, log-probs (``--log-softmax`` or a ``logits`` entry
+    normalise). Frames beyond an utterance's length are made uniform, so they can do no harm."""
+    import torch
+
+    raw, file_lengths, logits = load_emissions(args.emissions)
+    shape = tuple(raw.shape)
+    tolerance = {torch.float64: 1e-3, torch.float32: 1e-2}.get(raw.dtype, 5e-2)  # of log-sum-exp = 0
+    if raw.dtype not in (torch.float32, torch.float64):
+        raw = raw.float()
+    if raw.dim() == 2:
+        batch, layout = raw[:, None], "(T, C)"
+    elif args.batch_first:
+        batch, layout = raw.transpose(0, 1), "(B, T, C) (--batch-first)"
+    else:
+        batch, layout = raw, "(T, B, C)"
+    T, B, C = batch.shape
+    other = None  # (frames, utterances) the other layout would give
+    if raw.dim() == 3:
+        other = (shape[0], shape[1]) if args.batch_first else (shape[1], shape[0])
+    flip = "drop --batch-first (they look time-major, (T, B, C))" if args.batch_first else "pass --batch-first (they look batch-major, (B, T, C))"
+    where = f"EMISSIONS {args.emissions!r} of shape {shape} read as {layout}"
+
+    if utterances is not None and B != utterances:
+        hint = f": {flip}" if other is not None and other[1] == utterances else ""
+        raise CommandError(f"{where} hold {B} utterance(s) but {utterances} text(s) were given{hint}")
+    if utterances is None and raw.dim() == 3 and not args.batch_first:
+        if T == 1 and B > 1:
+            raise CommandError(f"{where} are {B} utterances of one frame each: {flip}")
+        if T < B:
+            print(f"ctclab {command}: warning: {where} have fewer frames ({T}) than utterances ({B}): "
+                  f"if they are (B, T, C), pass --batch-first", file=sys.stderr)
+
+    lengths, source = file_lengths, f"the lengths in {args.emissions!r}"
+    if args.lengths is not None:
+        lengths, source = _read_lengths(args.lengths), "--lengths"
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long)
+    elif lengths.numel() != B or bool((lengths < 0).any()) or bool((lengths > T).any()):
+        fits_other = (other is not None and lengths.numel() == other[1] and lengths.numel() > 0
+                      and bool((lengths >= 0).all()) and int(lengths.max()) <= other[0])
+        problem = (f"has {lengths.numel()} value(s) for {B} utterance(s)" if lengths.numel() != B
+                   else f"must be in [0, {T}] frames, got {lengths.tolist()}")
+        raise CommandError(f"{source} {problem} of {where}" + (f": {flip}" if fits_other else ""))
+
+    if C != len(vocab):
+        raise CommandError(f"{where} have {C} classes but --vocab {args.vocab!r} has {len(vocab)} tokens")
+    valid = torch.arange(T)[:, None] < lengths[None, :]  # (T, B)
+    uniform = torch.tensor(-math.log(C), dtype=batch.dtype)
+    batch = torch.where(valid[..., None], batch, uniform)
+    bad = torch.isnan(batch).any(-1)
+    if bool(bad.any()):
+        t, b = (int(v) for v in torch.nonzero(bad)[0])
+        raise CommandError(f"EMISSIONS {args.emissions!r} contain NaN ({int(bad.sum())} frame(s), the first: utterance {b + 1}, frame {t} counting from 0)")
+    bad = (batch == math.inf).any(-1)
+    if bool(bad.any()):
+        t, b = (int(v) for v in torch.nonzero(bad)[0])
+        raise CommandError(f"EMISSIONS {args.emissions!r} contain +inf ({int(bad.sum())} frame(s), the first: utterance {b + 1}, frame {t} counting from 0)")
+    if args.log_softmax or logits:
+        if bool((batch == -math.inf).all(-1).any()):
+            t, b = (int(v) for v in torch.nonzero((batch == -math.inf).all(-1))[0])
+            raise CommandError(f"EMISSIONS {args.emissions!r} are logits with every class -inf at utterance {b + 1}, frame {t} (counting from 0): they cannot be normalised")
+        batch = batch.log_softmax(-1)
+    else:
+        total = batch.double().logsumexp(-1)  # 0 for log-probs
+        bad = ~(total.abs() <= tolerance)
+        if bool(bad.any()):
+            t, b = (int(v) for v in torch.nonzero(bad)[0])
+            raise CommandError(
+                f"EMISSIONS {args.emissions!r} are not log-probabilities: at utterance {b + 1}, frame {t} (counting from 0) the probabilities "
+                f"sum to {math.exp(float(total[t, b])):.4g}, not 1; if they are logits pass --log-softmax "
+                "(probabilities: save their log)")
+    return batch, lengths
+
+
+# -- align --------------------------------------------------------------------------------------
+def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The transcripts, and how to name each in messages."""
+    if args.text is not None:
+        return [args.text], ["--text"]
+    try:
+        lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"cannot read --text-file {args.text_file!r}: {getattr(error, 'strerror', None) or _one_line(error)}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise CommandError(f"--text-file {args.text_file!r} is empty: it needs one transcript per utterance of EMISSIONS")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise CommandError(f"line {number} of --text-file {args.text_file!r} is empty: every utterance of EMISSIONS needs its transcript")
+    return lines, [f"line {n} of --text-file {args.text_file!r}" for n in range(1, len(lines) + 1)]
+
+
+def _required_frames(row: list[int]) -> int:
+    return len(row) + sum(1 for a, b in zip(row, row[1:]) if a == b)
 
 
 def _align(args: argparse.Namespace) -> int:
@@ -75,75 +397,137 @@ def _align(args: argparse.Namespace) -> int:
     from . import formats
     from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
 
-    vocab, emissions = _vocab_and_emissions(args)
-    if args.text is not None:
-        texts = [args.text]
-    else:
+    # what can be told from the arguments alone, before anything is read or computed
+    if args.out is not None and args.out_dir is not None:
+        raise _usage("give --out or --out-dir, not both")
+    if re.search(r"\s", args.utterance) or not args.utterance:
+        raise _usage(f"--utterance must be one word without spaces (it is a CTM field), got {args.utterance!r}")
+    if args.out_dir is not None and (re.search(r"[/\\]", args.utterance) or args.utterance in (".", "..")):
+        raise _usage(f"--utterance {args.utterance!r} names the files in --out-dir: use no slashes")
+    _check_output("--out", args.out)
+    _check_output("--out-dir", args.out_dir, folder=True)
+    _check_output("--plot", args.plot)
+    if args.plot:
+        _check_plot_format(args.plot)
+    for flag, path, what in (("EMISSIONS", args.emissions, "emissions"), ("--vocab", args.vocab, "vocabulary file"),
+                             ("--text-file", args.text_file, None)):
+        _require_file(flag, path, what)
+    vocab = _load_vocab(args)
+    texts, names = _read_texts(args)
+    if args.format in PER_FILE_FORMATS and len(texts) > 1 and args.out_dir is None:
+        raise _usage(f"--format {args.format} holds one utterance per file but {len(texts)} transcripts were given: "
+                     f"pass --out-dir DIR to write one {EXTENSIONS[args.format]} file per utterance")
+
+    batch, lengths = _emissions(args, vocab, "align", utterances=len(texts))
+    encoded = []
+    for text, name in zip(texts, names):
         try:
-            texts = [line for line in open(args.text_file, encoding="utf-8").read().splitlines() if line.strip()]
-        except OSError as error:
-            raise ValueError(f"cannot read --text-file {args.text_file!r}: {error.strerror}") from None
-    batch = emissions.unsqueeze(1) if emissions.dim() == 2 else emissions
-    if batch.shape[1] != len(texts):
-        raise ValueError(f"EMISSIONS hold {batch.shape[1]} utterances but {len(texts)} texts were given")
-    encoded = [vocab.encode(text, args.case) for text in texts]
+            encoded.append(vocab.encode(text, args.case))
+        except ValueError as error:
+            raise CommandError(f"{name}: {error}") from None
     star = [STAR] if args.star is not None else []
     rows = [star + ids + star for ids, _ in encoded]
     width = max(len(r) for r in rows)
-    targets = torch.tensor([r + [1 if args.blank != 1 else 0] * (width - len(r)) for r in rows])
+    pad = 1 if args.blank != 1 else 0
+    targets = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     target_lengths = torch.tensor([len(r) for r in rows])
-    ali = forced_align(batch, targets, None, target_lengths, blank=args.blank, star=args.star)
-    posteriors = alignment_posteriors(batch, targets, ali, None, target_lengths, args.blank, star=args.star) if args.confidence else None
+    ids = [args.utterance] if len(texts) == 1 else [f"{args.utterance}-{b + 1}" for b in range(len(texts))]
+    try:
+        ali = forced_align(batch, targets, lengths, target_lengths, blank=args.blank, star=args.star, skip_infeasible=True)
+    except ValueError as error:
+        raise CommandError(f"cannot align: {_one_line(error)}") from None
+    failed = [b for b in range(len(texts)) if not bool(ali.aligned[b])]
+    if failed:
+        b = failed[0]
+        need, have = _required_frames(rows[b]), int(lengths[b])
+        why = (f"its text needs at least {need} frames (one per token, one more between repeated tokens) but it has {have}"
+               if need > have else "every path through the emissions gives some token of its text probability 0")
+        more = f" ({len(failed)} utterances cannot: {', '.join(ids[i] for i in failed[:5])}{', ...' if len(failed) > 5 else ''})" if len(failed) > 1 else ""
+        raise CommandError(f"utterance {ids[b]!r} ({names[b]}) cannot be aligned: {why}{more}")
+    posteriors = None
+    if args.confidence:
+        posteriors = alignment_posteriors(batch, targets, ali, lengths, target_lengths, args.blank, star=args.star)
     delimiter = vocab.index(vocab.delimiter) if vocab.delimiter is not None else None
-    outputs, documents = [], []
-    duration = batch.shape[0] * args.frame_shift
+    documents = []
     for b, spans in enumerate(token_spans(ali, blank=args.blank, posteriors=posteriors)):
-        utterance = args.utterance if len(texts) == 1 else f"{args.utterance}-{b + 1}"
         text_spans = [s for s in spans if s.token != STAR]
         words = word_spans(text_spans, separator=delimiter) if delimiter is not None else word_spans(text_spans, word_lengths=encoded[b][1])
+        if not words:
+            raise CommandError(f"utterance {ids[b]!r} ({names[b]}) aligned to no words")
+        duration = int(lengths[b]) * args.frame_shift
         if args.format == "json":
-            documents.append(formats.to_json(spans, words, vocab, args.frame_shift, utterance))
+            documents.append(formats.to_json(spans, words, vocab, args.frame_shift, ids[b]))
         elif args.format == "ctm":
-            outputs.append(formats.to_ctm(words, vocab, args.frame_shift, utterance))
+            documents.append(formats.to_ctm(words, vocab, args.frame_shift, ids[b]))
         elif args.format == "textgrid":
-            outputs.append(formats.to_textgrid(words, spans, vocab, args.frame_shift, duration))
+            documents.append(formats.to_textgrid(words, spans, vocab, args.frame_shift, duration))
         elif args.format == "srt":
-            outputs.append(formats.to_srt(words, vocab, args.frame_shift))
+            documents.append(formats.to_srt(words, vocab, args.frame_shift))
         else:
-            outputs.append(formats.to_vtt(words, vocab, args.frame_shift))
-    if args.format == "json":
-        outputs = [formats.dumps_json(documents) + "\n"]
-    if args.format in ("textgrid", "srt", "vtt") and len(texts) > 1 and not args.out:
-        raise ValueError(f"--format {args.format} writes one utterance per file: align one utterance at a time")
-    text = "".join(outputs)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
-    if args.plot:
+            documents.append(formats.to_vtt(words, vocab, args.frame_shift))
+    figure = None
+    if args.plot:  # drawn before anything is written: a failure here leaves no outputs half done
         from .plot import plot_alignment
         from .targets import state_occupation
 
+        n = int(lengths[0])
         target = targets[0, : target_lengths[0]]
-        occupation = state_occupation(batch[:, 0], target, blank=args.blank, star=args.star)
-        plot_alignment(batch[:, 0], target, ali.item(0), vocab, args.blank, occupation, out=args.plot)
+        occupation = state_occupation(batch[:n, 0], target, blank=args.blank, star=args.star)
+        figure = plot_alignment(batch[:n, 0], target, ali.item(0), vocab, args.blank, occupation)
+
+    if args.out_dir is not None:
+        for name, document in zip(ids, documents):
+            text = formats.dumps_json([document]) + "\n" if args.format == "json" else document
+            _write_text("--out-dir", Path(args.out_dir) / f"{name}.{EXTENSIONS[args.format]}", text)
+    else:
+        text = formats.dumps_json(documents) + "\n" if args.format == "json" else "".join(documents)
+        if args.out:
+            _write_text("--out", args.out, text)
+        else:
+            sys.stdout.write(text)
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        try:
+            _write_output("--plot", args.plot, lambda f: figure.savefig(f, format=_plot_format(args.plot), dpi=110))
+        finally:
+            plt.close(figure)
     return 0
 
 
-def _decode(args: argparse.Namespace) -> int:
-    import json
+def _plot_format(path: str) -> str:
+    return Path(path).suffix[1:].lower() or "png"
 
+
+def _check_plot_format(path: str) -> None:
+    try:
+        from .plot import _pyplot
+
+        _pyplot()
+    except ImportError as error:
+        raise CommandError(f"--plot: {error}") from None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if _plot_format(path) not in supported:
+        raise _usage(f"--plot {path!r}: matplotlib writes {', '.join(sorted(supported))}, not {_plot_format(path)!r}")
+
+
+# -- decode -------------------------------------------------------------------------------------
+def _decode(args: argparse.Namespace) -> int:
+    from . import formats
     from .decode import BeamSearchDecoder
     from .lm import load_lm
 
-    vocab, emissions = _vocab_and_emissions(args)
-    if args.beam < 1 or args.nbest < 1:
-        raise ValueError("--beam and --nbest must be >= 1")
+    for flag, path, what in (("EMISSIONS", args.emissions, "emissions"), ("--vocab", args.vocab, "vocabulary file"),
+                             ("--lm", args.lm, "LM file")):
+        _require_file(flag, path, what)
+    vocab = _load_vocab(args)
+    emissions, lengths = _emissions(args, vocab, "decode")
     lm = load_lm(args.lm) if args.lm else None
     decoder = BeamSearchDecoder(vocab, blank=args.blank, beam_width=args.beam, lm=lm, alpha=args.alpha, beta=args.beta,
                                 hotwords=args.hotword, hotword_weight=args.hotword_weight)
-    results = decoder.decode(emissions, nbest=args.nbest)
+    results = decoder.decode(emissions, lengths, nbest=args.nbest)
     if args.format == "text":
         for hyps in results:
             print("\n".join(h.text for h in hyps))
@@ -152,19 +536,28 @@ def _decode(args: argparse.Namespace) -> int:
                  "score": h.score, "words": [{"word": w.word, "start_frame": w.start, "end_frame": w.end,
                                               "start": w.start * args.frame_shift, "end": w.end * args.frame_shift}
                                              for w in h.words]} for h in hyps] for hyps in results]
-        print(json.dumps(doc[0] if len(doc) == 1 else doc, indent=2, ensure_ascii=False))
+        print(formats.strict_json(doc[0] if len(doc) == 1 else doc))
     return 0
 
 
+# -- parser -------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctclab", description="CTC loss, alignment and decoding on PyTorch.")
+    parser = _Parser(prog="ctclab", description="CTC loss, alignment and decoding on PyTorch.",
+                                     epilog="Errors: exit status 2 for usage, 1 for data (set CTCLAB_TRACEBACK=1 for tracebacks).")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the built-in CTC loss against ctclab's autograd and fused paths")
     b.add_argument("--shape", type=_shape, action="append", help="T,B,C,L (repeatable); default: the seed's 128,256,32,60")
     b.add_argument("--grid", action="store_true", help="add the standard grid of six shapes")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    b.add_argument("--repeats", type=int, default=10, help="timed runs per implementation (median reported)")
+    b.add_argument("--repeats", type=_at_least_one, default=10, help="timed runs per implementation (median reported)")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--impl", action="append", choices=["builtin", "autograd", "fused"], help="subset to run (repeatable)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -172,51 +565,80 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=_bench)
 
-    emission_args = argparse.ArgumentParser(add_help=False)  # what align and decode both read
-    emission_args.add_argument("emissions", help="log-probs (T, C) or (T, B, C) as .pt or .npy")
+    emission_args = _Parser(add_help=False)  # what align and decode both read
+    emission_args.add_argument(
+        "emissions", metavar="EMISSIONS",
+        help="(T, C) or (T, B, C) (with --batch-first (B, T, C)) as .pt (a tensor, or a dict with 'logits', 'log_probs' "
+             "or 'emissions', and optionally 'input_lengths'), .npy or .npz (the same keys); 'logits' are normalised "
+             "(log-softmax), other emissions must be log-probs unless --log-softmax is given")
     emission_args.add_argument("--vocab", required=True, help="one token per line (line k = class k), or a JSON {token: index}")
     emission_args.add_argument("--blank", type=int, default=0, help="class index of blank (default 0)")
-    emission_args.add_argument("--frame-shift", type=float, default=0.02, help="seconds per frame (default 0.02)")
+    emission_args.add_argument("--frame-shift", type=_finite(positive=True), default=0.02,
+                               help="seconds per frame (default 0.02)")
     emission_args.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
+    emission_args.add_argument("--batch-first", action="store_true",
+                               help="EMISSIONS are batch-major (B, T, C), as Hugging Face models return them")
+    emission_args.add_argument("--lengths", metavar="N,N,...|FILE",
+                               help="frames of each utterance of padded EMISSIONS (comma-separated, or a .pt/.npy/text file); "
+                                    "default: an 'input_lengths' entry of EMISSIONS, else all frames")
 
     a = sub.add_parser("align", parents=[emission_args], help="forced alignment of a transcript to emissions, with word timings")
     text = a.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the transcript")
     text.add_argument("--text-file", help="transcripts, one line per utterance of EMISSIONS")
-    a.add_argument("--format", choices=["json", "ctm", "textgrid", "srt", "vtt"], default="json")
-    a.add_argument("--out", help="write there instead of standard output")
+    a.add_argument("--format", choices=["json", "ctm", "textgrid", "srt", "vtt"], default="json",
+                   help="json (a list for several utterances), ctm (lines of all utterances), or one utterance per file: "
+                        "textgrid, srt, vtt (several utterances need --out-dir)")
+    a.add_argument("--out", metavar="FILE", help="write there instead of standard output (missing folders are made)")
+    a.add_argument("--out-dir", metavar="DIR", help="write one file per utterance there: DIR/<utterance>.<format>")
     a.add_argument("--plot", metavar="PNG", help="draw the alignment picture (first utterance)")
-    a.add_argument("--star", type=float, metavar="PENALTY", help="wildcard at start and end: audio the text lacks is absorbed there")
+    a.add_argument("--star", type=_finite(), metavar="PENALTY",
+                   help="wildcard at start and end: audio the text lacks is absorbed there")
     a.add_argument("--case", choices=["keep", "upper", "lower"], default="keep", help="change the text's case before lookup")
     a.add_argument("--confidence", action="store_true", help="add posterior-based confidences (forward-backward)")
-    a.add_argument("--utterance", default="utt", help="utterance id for CTM/JSON")
+    a.add_argument("--utterance", default="utt", help="utterance id for CTM/JSON and --out-dir file names; "
+                                                       "several utterances are ID-1, ID-2, ...")
     a.set_defaults(func=_align)
 
     d = sub.add_parser("decode", parents=[emission_args], help="prefix beam search decoding with an optional word n-gram LM")
     d.add_argument("--lm", help="ARPA word n-gram LM (kenlm is used when installed, else ctclab's reader)")
-    d.add_argument("--alpha", type=float, default=0.5, help="LM weight")
-    d.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
-    d.add_argument("--beam", type=int, default=100)
+    d.add_argument("--alpha", type=_finite(), default=0.5, help="LM weight")
+    d.add_argument("--beta", type=_finite(), default=1.0, help="word insertion bonus")
+    d.add_argument("--beam", type=_at_least_one, default=100)
     d.add_argument("--hotword", action="append", help="a word to favour (repeatable)")
-    d.add_argument("--hotword-weight", type=float, default=10.0)
-    d.add_argument("--nbest", type=int, default=1)
-    d.add_argument("--format", choices=["text", "json"], default="text")
+    d.add_argument("--hotword-weight", type=_finite(), default=10.0)
+    d.add_argument("--nbest", type=_at_least_one, default=1)
+    d.add_argument("--format", choices=["text", "json"], default="text",
+                   help="text: one line per hypothesis; json: strict JSON (a score that is not finite is null)")
     d.set_defaults(func=_decode)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "repeats", 1) < 1:
-        parser.error("--repeats must be >= 1")
-    if getattr(args, "frame_shift", 1.0) <= 0:
-        parser.error("--frame-shift must be > 0 seconds")
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    prefix = f"ctclab {args.command}: error:"
     try:
         return args.func(args)
-    except ValueError as error:
-        print(f"ctclab {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except CommandError as error:
+        print(f"{prefix} {error}", file=sys.stderr)
+        return error.status
+    except ValueError as error:  # the library's checks of the data
+        print(f"{prefix} {_one_line(error)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of standard output went away (e.g. `| head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("CTCLAB_TRACEBACK"):
+            raise
+        print(f"{prefix} unexpected {type(error).__name__}: {_one_line(error)} (set CTCLAB_TRACEBACK=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

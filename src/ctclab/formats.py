@@ -3,12 +3,17 @@
 All take token/word spans (:mod:`ctclab.align`), a vocabulary (index -> token string) and the
 frame shift in seconds. TextGrid is written directly: the long text format is a dozen lines of
 fixed layout, and a dependency for it would be heavier than the code (the tests read our files
-back with praatio to prove them valid).
+back with praatio to prove them valid). :func:`strict_json` writes JSON without NaN/Infinity
+tokens (null instead); :func:`write_atomically` writes a file through a temporary one and a rename.
 """
 from __future__ import annotations
 
 import json
-from typing import Sequence
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Sequence
 
 from .align import STAR, TokenSpan, WordSpan
 
@@ -53,8 +58,26 @@ def to_json(
     }
 
 
+def finite_or_null(value):
+    """``value`` (dicts, lists, tuples, floats, ...) with every NaN or infinite float made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def strict_json(value) -> str:
+    """Strict JSON (RFC 8259: no ``NaN`` or ``Infinity`` tokens), indented: a float that is not
+    finite is written as ``null``."""
+    return json.dumps(finite_or_null(value), indent=2, ensure_ascii=False, allow_nan=False)
+
+
 def dumps_json(documents: Sequence[dict]) -> str:
-    return json.dumps(documents[0] if len(documents) == 1 else list(documents), indent=2, ensure_ascii=False)
+    """One :func:`to_json` document as a JSON object, several as a list (strict JSON)."""
+    return strict_json(documents[0] if len(documents) == 1 else list(documents))
 
 
 def to_ctm(words: Sequence[WordSpan], vocab: Sequence[str], frame_shift: float, utterance: str = "utt", channel: int = 1, offset: float = 0.0) -> str:
@@ -132,3 +155,32 @@ def to_vtt(words: Sequence[WordSpan], vocab: Sequence[str], frame_shift: float, 
     blocks = [f"{_timestamp(a, '.')} --> {_timestamp(b, '.')}\n{text}\n"
               for a, b, text in _cues(words, vocab, frame_shift, words_per_cue, offset)]
     return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(binary file)`` into a temporary file in the same folder
+    (made, with its parents, if missing), flushed to disk, then renamed over ``path``: a
+    failure part-way leaves no partial file and the previous one intact."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = (os.stat(target).st_mode & 0o7777) if target.exists() else 0o666 & ~_umask()
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, mode)
+        os.replace(handle.name, target)
+    except BaseException:
+        try:
+            os.unlink(handle.name)
+        except OSError:
+            pass
+        raise

@@ -5,6 +5,8 @@ labelled) along y. Needs matplotlib (``pip install ctclab[plot]``).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,7 +33,7 @@ def plot_alignment(
     vocab: Sequence[str] | None = None,
     blank: int = 0,
     state_posteriors: Tensor | None = None,
-    out: str | None = None,
+    out=None,
     title: str | None = None,
 ):
     """Draw one utterance's alignment.
@@ -39,11 +41,13 @@ def plot_alignment(
     Args:
         log_probs: ``(T, C)`` log-probs of the utterance.
         targets: its ``L`` target indices (may contain :data:`ctclab.align.STAR`).
-        alignment: its :func:`ctclab.forced_align` result (unbatched, ``states`` ``(T,)``).
+        alignment: its :func:`ctclab.forced_align` result (unbatched, ``states`` ``(T,)``; an
+            item of a padded batch, ``ali.item(b)``, may cover more frames than its length).
         vocab: index -> token string for the y labels (indices otherwise).
         state_posteriors: optional ``(T, S)`` occupation of the ``S = 2L + 1`` states
             (:func:`ctclab.targets.state_occupation`), drawn as a second panel.
-        out: write a PNG there when given.
+        out: a path to write the picture to (its format from the suffix, PNG without one;
+            written atomically), or a binary file object (PNG).
 
     Returns:
         The matplotlib Figure.
@@ -56,6 +60,10 @@ def plot_alignment(
     if states.dim() != 1:
         raise ValueError("alignment must be one utterance's (unbatched) forced_align result")
     T = log_probs.shape[0]
+    if states.shape[0] > T and bool((states[T:] < 0).all()):
+        states = states[:T]  # an item of a padded batch, log_probs cut to its length
+    elif states.shape[0] != T:
+        raise ValueError(f"alignment covers {states.shape[0]} frames but log_probs have {T}")
     extended = [blank]
     for t in targets:
         extended += [t, blank]
@@ -96,6 +104,10 @@ def plot_alignment(
         fig.colorbar(image2, ax=ax2, fraction=0.03)
     axes[-1, 0].set_xlabel("input step (frame)")
     fig.tight_layout()
-    if out is not None:
+    if isinstance(out, (str, os.PathLike)):  # atomically: a failed write leaves no partial picture, the previous one intact
+        from .formats import write_atomically
+
+        write_atomically(out, lambda f: fig.savefig(f, format=Path(out).suffix[1:].lower() or "png", dpi=110))
+    elif out is not None:  # a file object
         fig.savefig(out, dpi=110)
     return fig

@@ -391,13 +391,23 @@ def test_few_frames_many_utterances_warns(work, capsys):
     assert status == 0 and "warning" in err and "--batch-first" in err and len(out.splitlines()) == 5
 
 
+def same_alignment(out, expected):
+    """The same words and frames, scores equal up to rounding (normalising logits again is exact
+    only up to float32 rounding)."""
+    got, want = ([d] if isinstance(d, dict) else d for d in (strict_loads(out), strict_loads(expected)))
+    frames = lambda docs: [[(w["text"], w["start_frame"], w["end_frame"]) for w in d["words"]] for d in docs]
+    scores = lambda docs: [w["score"] for d in docs for w in d["words"]]
+    return frames(got) == frames(want) and scores(got) == pytest.approx(scores(want), abs=1e-5)
+
+
 def test_hugging_face_logits_dict_and_npz_are_read(work, padded, capsys):
     expected = run(align2(work, "--lengths", "20,30"), capsys)[1]
-    logits = padded.transpose(0, 1) * 1.0 + torch.randn(2, 30, 1)  # a per-frame shift: unnormalised logits
+    shift = torch.randn(2, 30, 1, generator=torch.Generator().manual_seed(0))
+    logits = padded.transpose(0, 1) * 1.0 + shift  # a per-frame shift: unnormalised logits
     torch.save(dict(logits=logits), work / "hf.pt")  # torch.save(dict(outputs), ...) of a model output
-    assert run(align2(work, "--lengths", "20,30", "--batch-first", emissions="hf.pt"), capsys)[1] == expected
+    assert same_alignment(run(align2(work, "--lengths", "20,30", "--batch-first", emissions="hf.pt"), capsys)[1], expected)
     np.savez(work / "hf.npz", logits=logits.numpy())
-    assert run(align2(work, "--lengths", "20,30", "--batch-first", emissions="hf.npz"), capsys)[1] == expected
+    assert same_alignment(run(align2(work, "--lengths", "20,30", "--batch-first", emissions="hf.npz"), capsys)[1], expected)
     np.savez(work / "only.npz", padded.numpy())  # a single unnamed array
     assert run(align2(work, "--lengths", "20,30", emissions="only.npz"), capsys)[1] == expected
 
@@ -406,7 +416,7 @@ def test_unnormalised_emissions_need_log_softmax(work, capsys):
     torch.save(torch.load(work / "em.pt") + 3.0, work / "logits.pt")
     status, out, err = run(align(work, emissions="logits.pt"), capsys)
     assert status == 1 and out == "" and "--log-softmax" in err
-    assert run(align(work, "--log-softmax", emissions="logits.pt"), capsys)[1] == run(align(work), capsys)[1]
+    assert same_alignment(run(align(work, "--log-softmax", emissions="logits.pt"), capsys)[1], run(align(work), capsys)[1])
     torch.save(torch.load(work / "em.pt").exp(), work / "probs.pt")  # probabilities, not their log
     assert run(decode(work, emissions="probs.pt"), capsys)[0] == 1
 

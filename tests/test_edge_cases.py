@@ -11,7 +11,8 @@ from oracle import state_paths
 
 import ctclab
 from ctclab import alignment_posteriors, alignment_targets, ctc_loss, forced_align, state_occupation, token_spans
-from ctclab._fused import builtin_cuda_nll, fused_nll
+from ctclab.backends import reference
+from ctclab.backends.cuda_builtin import builtin_cuda_nll
 from ctclab._memory import InsufficientMemoryError
 from ctclab.trellis import CTCTrellis
 
@@ -45,7 +46,7 @@ def _trellis(lp, tg, il, tl):
     return CTCTrellis.build(ctclab._inputs.ctc_batch(lp, tg, il, tl))
 
 
-LOSSES["fused-torch"] = lambda lp, tg, il, tl: fused_nll(_trellis(lp, tg, il, tl), lp, use_kernels=False)
+LOSSES["fused-torch"] = lambda lp, tg, il, tl: reference.loss(_trellis(lp, tg, il, tl), lp)
 LOSSES["cuda-builtin-route"] = lambda lp, tg, il, tl: builtin_cuda_nll(lp, tg, il, tl, 0)
 
 
@@ -155,7 +156,7 @@ def _no_path_cases():
     yield "star=inf", lp, torch.tensor([[1, 2], [-1, 1]]), {"star": INF}
 
 
-@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("impl", ["numba", "reference"])
 @pytest.mark.parametrize("case", list(_no_path_cases()), ids=lambda c: c[0])
 def test_forced_align_never_returns_an_empty_alignment_silently(impl, case):
     _, lp, targets, kw = case
@@ -169,13 +170,13 @@ def test_forced_align_never_returns_an_empty_alignment_silently(impl, case):
 @pytest.mark.parametrize("case", list(_no_path_cases()), ids=lambda c: c[0])
 def test_kernel_and_torch_alignments_agree_on_items_without_a_path(case):
     _, lp, targets, kw = case
-    a = forced_align(lp, targets, impl="kernel", skip_infeasible=True, **kw)
-    b = forced_align(lp, targets, impl="torch", skip_infeasible=True, **kw)
+    a = forced_align(lp, targets, impl="numba", skip_infeasible=True, **kw)
+    b = forced_align(lp, targets, impl="reference", skip_infeasible=True, **kw)
     for x, y in zip((a.labels, a.scores, a.states, a.path_score, a.aligned), (b.labels, b.scores, b.states, b.path_score, b.aligned)):
         torch.testing.assert_close(x, y)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("impl", ["numba", "reference"])
 def test_forced_align_refuses_nan_naming_item_and_frame(impl):
     lp, tg, il, tl = small_batch()
     lp[4, 2, 5] = NAN
@@ -266,7 +267,7 @@ def test_calls_that_cannot_fit_fail_fast_saying_how_much_and_what_to_do(monkeypa
         (lambda: ctc_loss(lp, targets, [4000], [1000], impl="fused"), "shorter inputs"),
         (lambda: ctc_loss(lp.requires_grad_(), targets, [4000], [1000], impl="autograd"), "shorter inputs"),
         (lambda: state_occupation(lp, targets), "shorter inputs"),
-        (lambda: forced_align(lp, 1 + torch.arange(1000)[None] % 7, impl="torch"), "shorter segments"),
+        (lambda: forced_align(lp, 1 + torch.arange(1000)[None] % 7, impl="reference"), "shorter segments"),
     ):
         with pytest.raises(InsufficientMemoryError, match=rf"would need at least \d+ MiB .* 1 MiB is available: .*{advice}"):
             call()
@@ -282,8 +283,10 @@ def test_calls_that_cannot_fit_fail_fast_saying_how_much_and_what_to_do(monkeypa
 def test_fused_scratch_is_per_busy_thread_not_per_core(monkeypatch):
     """One long item needs one T x S buffer, however many threads the machine has."""
     shapes = []
-    real = ctclab._fused._workspace
-    monkeypatch.setattr("ctclab._fused._workspace", lambda name, shape: shapes.append((name, shape)) or real(name, shape))
+    import ctclab.backends.numba_cpu
+
+    real = ctclab.backends.numba_cpu._workspace
+    monkeypatch.setattr("ctclab.backends.numba_cpu._workspace", lambda name, shape: shapes.append((name, shape)) or real(name, shape))
     lp, tg, il, tl = random_batch(30, 1, 5, 6, seed=1)
     ctc_loss(lp.log_softmax(-1), tg, il, tl, impl="fused")
     assert all(shape[0] == 1 for _, shape in shapes) and shapes

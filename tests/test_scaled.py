@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import random_batch
 
-from ctclab import scaled
+from ctclab import scaled, semiring
+from ctclab.graph import ADVANCE, SKIP, STAY
 from ctclab._inputs import ctc_batch
 from ctclab.trellis import CTCTrellis
 from ctclab.trellis import negative_log_likelihood as log_space_nll
@@ -15,27 +16,28 @@ def trellis_of(log_probs, targets, il, tl):
     return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0))
 
 
-@pytest.mark.parametrize("small_frame", [0, scaled.SMALL_FRAME])  # the linear Function, plain ops
+@pytest.mark.parametrize("small_frame", [0, semiring.SMALL_FRAME])  # the linear Function, plain ops
 def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice(monkeypatch, small_frame):
-    monkeypatch.setattr(scaled, "SMALL_FRAME", small_frame)
+    monkeypatch.setattr(semiring, "SMALL_FRAME", small_frame)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
     b = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
-    skip = (torch.rand(3, 7, generator=g) > 0.5).double()
-    lhs = (scaled.transition(a, skip) * b).sum()
-    rhs = (a * scaled.transition_transposed(b, skip)).sum()
+    weights = torch.rand(3, 3, 7, dtype=torch.float64, generator=g)  # skip, advance, stay: any weights
+    weights[:, :, :4] = (weights[:, :, :4] > 0.5).double()  # and 0/1 masks
+    lhs = (scaled.transition(a, weights) * b).sum()
+    rhs = (a * scaled.transition_transposed(b, weights)).sum()
     torch.testing.assert_close(lhs, rhs)
     # against the definition, state by state
     dense = torch.zeros(3, 7, 7, dtype=torch.float64)
     for s in range(7):
-        dense[:, s, s] = 1
+        dense[:, s, s] = weights[STAY, :, s]
         if s >= 1:
-            dense[:, s, s - 1] = 1
+            dense[:, s, s - 1] = weights[ADVANCE, :, s]
         if s >= 2:
-            dense[:, s, s - 2] = skip[:, s]
-    torch.testing.assert_close(scaled.transition(a, skip), torch.einsum("bst,bt->bs", dense, a))
-    assert torch.autograd.gradgradcheck(lambda x: scaled.transition(x, skip) ** 2, (a,))
-    assert torch.autograd.gradgradcheck(lambda x: scaled.transition_transposed(x, skip) ** 2, (b,))
+            dense[:, s, s - 2] = weights[SKIP, :, s]
+    torch.testing.assert_close(scaled.transition(a, weights), torch.einsum("bst,bt->bs", dense, a))
+    assert torch.autograd.gradgradcheck(lambda x: scaled.transition(x, weights) ** 2, (a,))
+    assert torch.autograd.gradgradcheck(lambda x: scaled.transition_transposed(x, weights) ** 2, (b,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -142,7 +144,7 @@ def test_without_the_cpu_kernel_the_pytorch_bound_gives_the_same_results(monkeyp
     lp = logits.log_softmax(-1).requires_grad_(True)
     trellis = trellis_of(lp, targets, il, tl)
     with_kernel = scaled.negative_log_likelihood(trellis, lp)
-    monkeypatch.setattr(scaled, "kernels_available", lambda: False)
+    monkeypatch.setattr("ctclab.backends.numba_cpu.available", lambda: False)
     monkeypatch.setattr(scaled, "SMALL_FRAME", 0)
     forward = scaled.scaled_forward(trellis, lp)
     torch.testing.assert_close(scaled.underflow_bound(forward), scaled.reference_underflow_bound(forward))

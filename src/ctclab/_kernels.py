@@ -16,12 +16,16 @@ over the frames; the caller recomputes items whose bound is not negligible in lo
 (:mod:`ctclab.trellis`), so results are those of the log-space recursion, however extreme
 the scores.
 
-The state graph (labels, skip transitions) comes from :class:`ctclab.trellis.CTCTrellis`;
-these kernels only run its recursion.
+The state graph comes from :class:`ctclab.graph.CTCGraph` as arrays (:class:`KernelGraph`: each
+state's class column, the weights of the moves into it, start, final and entry states, the band
+of states to visit per frame); these kernels only run its recursion, for any topology. They are
+the reference recursions of :mod:`ctclab.trellis` specialised (probability semiring with
+rescaling; max semiring for Viterbi) and tested against them.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -73,20 +77,73 @@ def exp_nonpositive(d, count, out, row, bits, power):
         out[row, u] = out[row, u] * power[u] if d[u] >= -708.0 else 0.0
 
 
-@numba.njit(inline="always")
-def _band(t, Tb, Sb):
-    """States ``[lo, hi)`` that are reachable at frame t and can still reach the end."""
-    return max(0, Sb - 2 * (Tb - t)), min(Sb, 2 * t + 2)
+class KernelGraph(NamedTuple):
+    """:class:`ctclab.graph.CTCGraph` as the kernels read it (numpy arrays, ``S`` states).
+
+    Attributes:
+        state_class: ``(B, S)`` int64, column of each state's class in the kernels' class table.
+        stay, advance, skip: ``(B, S + 2)`` float64 probability weights of the moves into each
+            state from ``s``, ``s - 1``, ``s - 2`` (1 allowed, 0 forbidden; two trailing zeros).
+        start, final, entry: ``(B, S)`` float64 0/1: start states, final states, and the states
+            whose entry the delay penalty weights.
+        band: ``(B, T, 2)`` int64, the states ``[lo, hi)`` to visit at each frame.
+        num_states, input_lengths: ``(B,)`` int64.
+    """
+
+    state_class: np.ndarray
+    stay: np.ndarray
+    advance: np.ndarray
+    skip: np.ndarray
+    start: np.ndarray
+    final: np.ndarray
+    entry: np.ndarray
+    band: np.ndarray
+    num_states: np.ndarray
+    input_lengths: np.ndarray
+
+
+#: Distance of a state that no path reaches (or that reaches no end), in frames.
+UNREACHABLE = 1 << 40
+
+
+@numba.njit(cache=True, nogil=True)
+def graph_distances(start, final, advance, skip):
+    """For each state, the first frame a path can occupy it and the fewest frames that must
+    follow it before the end, from the moves that exist (``advance``, ``skip``: ``(B, S)`` bool,
+    into each state) and the ``start`` and ``final`` states; :data:`UNREACHABLE` where none."""
+    B, S = start.shape
+    earliest = np.full((B, S), UNREACHABLE, dtype=np.int64)
+    to_end = np.full((B, S), UNREACHABLE, dtype=np.int64)
+    for b in range(B):
+        for s in range(S):
+            e = 0 if start[b, s] else UNREACHABLE
+            if s >= 1 and advance[b, s]:
+                e = min(e, earliest[b, s - 1] + 1)
+            if s >= 2 and skip[b, s]:
+                e = min(e, earliest[b, s - 2] + 1)
+            earliest[b, s] = e
+        for s in range(S - 1, -1, -1):
+            d = 0 if final[b, s] else UNREACHABLE
+            if s + 1 < S and advance[b, s + 1]:
+                d = min(d, to_end[b, s + 1] + 1)
+            if s + 2 < S and skip[b, s + 2]:
+                d = min(d, to_end[b, s + 2] + 1)
+            to_end[b, s] = d
+    return earliest, to_end
 
 
 @_item_jit
-def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled, alpha, state, shifted, bits, power):
-    """Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
+def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, state, shifted, bits, power):
+    r"""Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
     and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
     ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
     and whether any variable fell below :data:`TINY`; NaN if a score the item reads (its labels',
-    blank's) is NaN at one of its frames, as the log-space recursion would give."""
+    blank's) is NaN at one of its frames, as the log-space recursion would give.
+
+    :math:`\alpha_t(s) = y_t(s) [w_{stay}(s) \alpha_{t-1}(s) + e_t(s) (w_{adv}(s) \alpha_{t-1}(s-1)
+    + w_{skip}(s) \alpha_{t-1}(s-2))]`, ``e_t`` the delay penalty's entry factor."""
     flagged = False
+    Sb = g.num_states[b]
     for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1
         state[0, s] = 0.0
         state[1, s] = 0.0
@@ -94,6 +151,7 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
     inv_prev = 1.0
     ok = Tb > 0
     n = num_classes[b]
+    lo, hi = 0, 0
     for t in range(Tb):
         frame_max = -np.inf
         nan = False
@@ -103,13 +161,19 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
             nan |= shifted[u] != shifted[u]
         if nan:  # max() and the exp below would read NaN as probability 0: a finite, wrong loss
             return np.nan, False
+        lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+        if frame_max == np.inf:  # only the band's classes count (+inf off every path changes nothing)
+            frame_max = -np.inf
+            for s in range(lo, hi):
+                frame_max = max(frame_max, log_probs[t, b, classes[b, g.state_class[b, s]]])
+            if frame_max == np.inf:  # on a path: no finite answer, as in log space
+                return np.nan, False
         if frame_max == -np.inf:  # every label impossible at this frame
             ok = False
             break
         for u in range(n):
             shifted[u] -= frame_max
         exp_nonpositive(shifted, n, scaled, t, bits, power)
-        lo, hi = _band(t, Tb, Sb)
         entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0
         # cur = alpha_t / (exp(shifts) * previous frame's sum): a per-frame scale, which the
         # posteriors (normalised per frame) do not see and the likelihood adds back in logs
@@ -119,12 +183,15 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
         underflow = False
         for s in range(lo, hi):
             if t == 0:
-                inflow = entry if s & 1 else 1.0
+                kept = 0.0
+                entering = g.start[b, s]
             else:
-                entering = state[prev, s + 1] + skip[b, s] * state[prev, s]
-                inflow = state[prev, s + 2] + (entering * entry if s & 1 else entering)
-            y = scaled[t, state_class[b, s]] * inv_prev
-            v = inflow * y
+                kept = g.stay[b, s] * state[prev, s + 2]
+                entering = g.advance[b, s] * state[prev, s + 1] + g.skip[b, s] * state[prev, s]
+            if delay != 0.0:
+                entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
+            y = scaled[t, g.state_class[b, s]] * inv_prev
+            v = (kept + entering) * y
             underflow |= v < TINY
             state[cur, s + 2] = v
             alpha[t, s] = v
@@ -139,57 +206,63 @@ def _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, dela
         total += math.log(norm) + frame_max
     if ok:
         last = (Tb - 1) & 1
-        end = state[last, Sb + 1] + (state[last, Sb] if Sb > 1 else 0.0)
+        end = 0.0
+        for s in range(lo, hi):
+            end += g.final[b, s] * state[last, s + 2]
+        if end == 0.0:
+            return -np.inf, flagged
         return total + math.log(end * inv_prev), flagged
     return -np.inf, flagged
 
 
 @_item_jit
-def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha, scaled, occupancy, write,
+def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy, write,
                 beta, weighted, entering, per_class):
-    """Backward pass of item ``b``: beta, and its posteriors into ``occupancy`` (when ``write``).
+    r"""Backward pass of item ``b``: beta, and its posteriors into ``occupancy`` (when ``write``).
     ``beta``, ``weighted``, ``entering`` ``(S + 2,)`` and ``per_class`` ``(U,)`` are the thread's
     scratch. Returns a bound on the relative error that underflow caused (see the module
-    docstring; inf where a frame's ``z`` vanished)."""
+    docstring; inf where a frame's ``z`` vanished).
+
+    :math:`\beta_{t-1}(s) = w_{stay}(s)\, \beta_t(s) y_t(s) + e_t(s{+}1) w_{adv}(s{+}1)\, \beta_t(s{+}1) y_t(s{+}1)
+    + e_t(s{+}2) w_{skip}(s{+}2)\, \beta_t(s{+}2) y_t(s{+}2)`, rescaled per frame."""
     error = 0.0
+    Sb = g.num_states[b]
     for s in range(Sb + 2):
-        beta[s] = 0.0  # two trailing zeros stand for states Sb and Sb+1
-        weighted[s] = 0.0  # beta_t(s) y_t(s); below the band: never written, so zero
-        entering[s] = 0.0  # the same, times the entry weight of label states
+        beta[s] = g.final[b, s] if s < Sb else 0.0  # two trailing zeros stand for states Sb and Sb+1
+        weighted[s] = 0.0  # beta_t(s) y_t(s); outside the band: 0, or read through a move of weight 0
+        entering[s] = 0.0  # the same, times the entry factor of the delay penalty
     for u in range(num_classes[b]):
         per_class[u] = 0.0
-    into = entering if delay != 0.0 else weighted  # what transitions into s+1, s+2 carry
-    beta[Sb - 1] = 1.0
-    if Sb > 1:
-        beta[Sb - 2] = 1.0
+    into = entering if delay != 0.0 else weighted  # what the moves into s+1, s+2 carry
+    blank = g.state_class[b, 0]  # state 0 emits blank
     for t in range(Tb - 1, -1, -1):
-        lo, hi = _band(t, Tb, Sb)
-        entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into label states at t
+        lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+        entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into entry states at t
         z = 0.0
         blank_mass = 0.0
         beta_norm = 0.0
         alpha_norm = 0.0
         for s in range(lo, hi):
-            u = state_class[b, s]
+            u = g.state_class[b, s]
             a = alpha[t, s]
             ab = a * beta[s]
-            if s & 1:
-                per_class[u] += ab
-            else:  # blank: a register, not a store-to-load chain through per_class[blank]
+            if u == blank:  # a register, not a store-to-load chain through per_class[blank]
                 blank_mass += ab
+            else:
+                per_class[u] += ab
             z += ab
             alpha_norm += a
             beta_norm += beta[s]
             w = beta[s] * scaled[t, u]
             weighted[s] = w
             if delay != 0.0:
-                entering[s] = w * entry if s & 1 else w
+                entering[s] = w * (1.0 + g.entry[b, s] * (entry - 1.0))
         if z == 0.0:
             return np.inf
         # every stored variable may have lost up to TINY (absolute, in its frame's scale)
         error += TINY * (alpha_norm + beta_norm) / z
         inv_z = 1.0 / z
-        per_class[state_class[b, 0]] = blank_mass
+        per_class[blank] += blank_mass
         if write:
             for c in range(occupancy.shape[2]):  # columns of absent classes
                 occupancy[t, b, c] = 0.0
@@ -199,17 +272,16 @@ def _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha
             per_class[u] = 0.0
         if t == 0:
             break
-        # beta_{t-1}(s) = sum over successors s' of beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
+        # beta_{t-1}(s) = sum over successors s' of w(s -> s') beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
         inv = 1.0 / beta_norm
-        plo, phi = _band(t - 1, Tb, Sb)
+        plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
         for s in range(plo, phi):
-            beta[s] = (weighted[s] + into[s + 1] + skip[b, s + 2] * into[s + 2]) * inv
+            beta[s] = (g.stay[b, s] * weighted[s] + g.advance[b, s + 1] * into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
     return error
 
 
 @_jit
-def forward_backward(log_probs, classes, columns, num_classes, skip, state_class, num_states, input_lengths, delay,
-                     need_grad, occupancy, alpha, scaled):
+def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_grad, occupancy, alpha, scaled):
     """Forward and backward pass, item by item: each thread keeps its item's forward variables
     in a buffer of its own, read back by the backward pass from cache rather than from memory.
 
@@ -220,10 +292,7 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
         columns: ``(B, U)`` where each distinct label's posterior goes in ``occupancy``: the
             labels themselves (``occupancy`` ``(T, B, C)``, the gradient's layout) or ``0..U-1``
             (compact, ``(T, B, U)``).
-        skip: ``(B, S + 2)`` float64, 1 where the skip transition into a state is allowed
-            (two trailing zeros for states past the end).
-        state_class: ``(B, S)`` int64, column of each state's label in ``classes``.
-        num_states: ``(B,)`` 2L+1; input_lengths: ``(B,)``.
+        g: the graph (:class:`KernelGraph`; its ``state_class`` indexes ``classes``' columns).
         delay: delay penalty ``lam``: entering a label state at frame t is weighted by
             ``exp(-lam * (t - T_b / 2))`` (0: plain CTC).
         need_grad: write the posteriors (every entry of ``occupancy``, which may come
@@ -241,6 +310,7 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
     B = log_probs.shape[1]
     threads, _, S = alpha.shape
     U = scaled.shape[2]
+    input_lengths = g.input_lengths
     loglik = np.full(B, -np.inf)
     error = np.zeros(B)
     # each thread's scratch, made once: the per-item functions take it all from here
@@ -252,13 +322,13 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
     per_class = np.empty((threads, U))
     for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
         thread = numba.get_thread_id()
-        Sb, Tb = num_states[b], input_lengths[b]
-        ll, flagged = _forward(b, log_probs, classes, num_classes, skip, state_class, Sb, Tb, delay, scaled[thread],
+        Tb = input_lengths[b]
+        ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled[thread],
                                alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
         loglik[b] = ll
         ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
         if ran:
-            error[b] = _posteriors(b, columns, num_classes, skip, state_class, Sb, Tb, delay, alpha[thread], scaled[thread],
+            error[b] = _posteriors(b, columns, num_classes, g, Tb, delay, alpha[thread], scaled[thread],
                                    occupancy, need_grad, beta[thread], weighted[thread], entering[thread], per_class[thread])
         if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
             complete = ran and error[b] < np.inf
@@ -269,40 +339,44 @@ def forward_backward(log_probs, classes, columns, num_classes, skip, state_class
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every, delay, states, path_scores):
-    """Best path of each item (max-plus recursion over the trellis), exact, in float64.
+def viterbi(log_probs, labels, g, checkpoint_every, delay, states, path_scores):
+    """Best path of each item (max-plus recursion over the graph), exact, in float64.
 
     Backpointers are packed 2 bits per state (0 skip, 1 advance, 2 stay), one byte per 4
     states. With ``checkpoint_every = K < T`` only the scores at every K-th frame are kept on
     the forward pass and each K-frame segment's backpointers are recomputed during the
     backtrace: memory ``T/K * S`` floats plus ``K * S / 4`` bytes per item instead of
-    ``T * S / 4`` bytes. Only states that are reachable and can still reach the end are
-    computed (others never lie on a complete path).
+    ``T * S / 4`` bytes. Only the band's states are computed (others never lie on a complete
+    path).
 
-    Ties: a state prefers the predecessor furthest back (skip, then advance, then stay); the
-    path ends in the final blank unless the last label scores strictly higher.
+    Ties: a state prefers the move from furthest back (skip, then advance, then stay); the path
+    ends in the highest final state unless a lower one scores strictly higher.
 
     Args:
-        log_probs: ``(T, B, C)``; labels: ``(B, S)`` extended targets; skip: ``(B, S)`` bool;
-        num_states, input_lengths: ``(B,)``; checkpoint_every: int >= 1.
-        delay: delay penalty ``lam``: entering a label state at frame t adds ``-lam (t - T_b/2)``.
+        log_probs: ``(T, B, C)``; labels: ``(B, S)`` the class of each state; g: the graph
+        (:class:`KernelGraph`); checkpoint_every: int >= 1.
+        delay: delay penalty ``lam``: entering an entry state at frame t adds ``-lam (t - T_b/2)``.
         states: ``(B, T)`` int64 out, the state of each frame (untouched beyond the input length).
         path_scores: ``(B,)`` float64 out, the best path's total log-score (-inf if none).
     """
     T, B, C = log_probs.shape
     for b in numba.prange(B):
-        Sb = num_states[b]
-        Tb = input_lengths[b]
+        Sb = g.num_states[b]
+        Tb = g.input_lengths[b]
         if Tb == 0:
             path_scores[b] = 0.0 if Sb == 1 else -np.inf
             continue
         K = min(checkpoint_every, Tb)
         segments = (Tb + K - 1) // K
         groups = (Sb + 3) // 4
-        skip_weight = np.full(4 * groups + 2, -np.inf)  # offset 2, like the score buffers
-        for s in range(2, Sb):
-            if skip[b, s]:
-                skip_weight[s + 2] = 0.0
+        # the item's log-weights, -inf past its states: the groups of 4 may overrun them
+        weights = np.full((5, 4 * groups), -np.inf)  # skip, advance, stay, start, entry
+        for s in range(Sb):
+            weights[0, s] = _log(g.skip[b, s])
+            weights[1, s] = _log(g.advance[b, s])
+            weights[2, s] = _log(g.stay[b, s])
+            weights[3, s] = _log(g.start[b, s])
+            weights[4, s] = g.entry[b, s]
         checkpoints = np.empty((segments, 4 * groups + 2))  # scores before each segment
         packed = np.zeros((K, groups), dtype=np.uint8)
         delta = np.full(4 * groups + 2, -np.inf)  # two leading -inf stand for states -2, -1
@@ -310,13 +384,14 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
         for t in range(Tb):
             if t % K == 0:
                 checkpoints[t // K, :] = delta
-            _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, nxt, packed[t % K])
+            _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, delay, delta, nxt, packed[t % K])
             delta, nxt = nxt, delta
-        best = delta[Sb + 1]
-        state = Sb - 1
-        if Sb > 1 and delta[Sb] > best:
-            best = delta[Sb]
-            state = Sb - 2
+        best = -np.inf
+        state = -1
+        for s in range(Sb - 1, -1, -1):  # ties: the highest final state
+            if g.final[b, s] != 0.0 and (state < 0 or delta[s + 2] > best):
+                best = delta[s + 2]
+                state = s
         path_scores[b] = best
         if best == -np.inf:
             continue
@@ -326,7 +401,7 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
             if seg != segments - 1:  # recompute this segment's backpointers from its checkpoint
                 delta[:] = checkpoints[seg, :]
                 for t in range(start, stop):
-                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, nxt, packed[t - start])
+                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, delay, delta, nxt, packed[t - start])
                     delta, nxt = nxt, delta
             for t in range(stop - 1, start - 1, -1):
                 states[b, t] = state
@@ -335,34 +410,37 @@ def viterbi(log_probs, labels, skip, num_states, input_lengths, checkpoint_every
 
 
 @numba.njit(inline="always")
-def _viterbi_step(log_probs, labels, b, t, Tb, Sb, skip_weight, delay, delta, out, packed_row):
-    """One frame of the max-plus recursion over the states of the band, 4 states per byte."""
-    lo, hi = _band(t, Tb, Sb)
-    entry = -delay * (t - 0.5 * Tb)  # log-weight of entering a label state at frame t
+def _log(weight):
+    return math.log(weight) if weight > 0.0 else -np.inf
+
+
+@numba.njit(inline="always")
+def _viterbi_step(log_probs, labels, b, t, Tb, Sb, band, weights, delay, delta, out, packed_row):
+    """One frame of the max-plus recursion over the band's states, 4 states per byte:
+    ``delta_t(s) = y_t(s) + max(w_skip(s) + delta(s-2), w_adv(s) + delta(s-1), w_stay(s) + delta(s))``
+    (entering moves plus the delay's entry term), backpointer = the first maximum's move."""
+    lo, hi = band[b, t, 0], band[b, t, 1]
+    entry = -delay * (t - 0.5 * Tb)  # log-weight of entering an entry state at frame t
     for g in range(lo >> 2, (hi + 3) >> 2):
         byte = 0
         for j in range(4):
             s = 4 * g + j
+            ent = weights[4, s] * entry if delay != 0.0 and s < Sb else 0.0
             if t == 0:
-                best = 0.0 if s == 0 else (entry if s == 1 else -np.inf)
-                code = 1 if s == 0 else 0  # "before" the start: advance into 0, skip into 1
-            else:
-                skp = delta[s] + skip_weight[s + 2]
-                adv = delta[s + 1]
-                if s & 1:
-                    skp += entry
-                    adv += entry
-                stay = delta[s + 2]
-                best = skp
+                best = weights[3, s] + ent  # "before" the start: code 0
                 code = 0
+            else:
+                best = delta[s] + weights[0, s] + ent
+                code = 0
+                adv = delta[s + 1] + weights[1, s] + ent
                 if adv > best:
                     best = adv
                     code = 1
+                stay = delta[s + 2] + weights[2, s]
                 if stay > best:
                     best = stay
                     code = 2
-            label = labels[b, s] if s < Sb else labels[b, 0]
-            out[s + 2] = best + log_probs[t, b, label] if s < Sb else -np.inf
+            out[s + 2] = best + log_probs[t, b, labels[b, s]] if s < Sb else -np.inf
             byte |= code << (2 * j)
         packed_row[g] = byte
 
@@ -371,7 +449,7 @@ _TINY64 = 2.2250738585072014e-308
 
 
 @_item_jit
-def _bound_step(b, t, inflow, emissions, skip, Sb, beta, row, ahead, tiny):
+def _bound_step(b, t, inflow, emissions, g, Sb, beta, row, ahead, tiny):
     """One frame of :func:`scaled_underflow_bound` for item ``b``: its term of the bound (inf
     where ``z`` vanished), and ``beta[row]`` moved one frame back, rescaled."""
     mass = 0.0  # the frame's mass as the forward sums it, padding states included
@@ -390,17 +468,14 @@ def _bound_step(b, t, inflow, emissions, skip, Sb, beta, row, ahead, tiny):
     ahead[Sb + 1] = 0.0
     inv = 1.0 / max(norm, 1e-300)
     for s in range(Sb):
-        w = ahead[s] + ahead[s + 1]
-        if s + 2 < Sb and skip[b, s + 2]:
-            w += ahead[s + 2]
-        beta[row, s] = w * inv
+        beta[row, s] = (g.stay[b, s] * ahead[s] + g.advance[b, s + 1] * ahead[s + 1] + g.skip[b, s + 2] * ahead[s + 2]) * inv
     # delta_t / z_t, z_t = z / (mass * norm) the overlap of the two rescaled distributions;
     # then the same for the backward variables' own losses (float64)
     return (16.0 * tiny * (1.0 + mass) * norm + 16.0 * _TINY64 * (1.0 + norm) * mass) / z
 
 
 @_jit
-def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, tiny, threads):
+def scaled_underflow_bound(inflows, emissions, g, tiny, threads):
     """:func:`ctclab.scaled.underflow_bound` for the CPU: the same bound, the backward variables
     in float64, parallel over the batch. Each thread takes its items frame by frame, so that it
     fetches each frame's array from the list once.
@@ -408,14 +483,15 @@ def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, 
     Args:
         inflows: list of ``T`` arrays ``(B, S)``, ``transition(v_{t-1})`` of the scaled forward.
         emissions: ``(T, B, S)`` its scaled emissions (``v_t = inflows[t] * emissions[t]``).
-        skip: ``(B, S)`` bool; input_lengths, num_states: ``(B,)``.
+        g: the graph (:class:`KernelGraph`; its band is not used).
         tiny: the forward's dtype's smallest normal number; threads: how many to use.
 
     Returns:
         ``(B,)`` float64 bound (0 for items without frames, inf where a frame's ``z`` vanished).
     """
-    B = skip.shape[0]
+    B = emissions.shape[1]
     S = emissions.shape[2]
+    input_lengths, num_states = g.input_lengths, g.num_states
     bound = np.zeros(B)
     threads = max(1, min(threads, B))
     for thread in numba.prange(threads):
@@ -432,11 +508,10 @@ def scaled_underflow_bound(inflows, emissions, skip, input_lengths, num_states, 
                 Sb = num_states[b]
                 if t >= input_lengths[b] or bound[b] == np.inf:
                     continue
-                if t == input_lengths[b] - 1:  # the item's last frame: its accepting states
-                    beta[i, Sb - 1] = 1.0
-                    if Sb > 1:
-                        beta[i, Sb - 2] = 1.0
-                bound[b] += _bound_step(b, t, inflow, emissions, skip, Sb, beta, i, ahead, tiny)
+                if t == input_lengths[b] - 1:  # the item's last frame: its final states
+                    for s in range(Sb):
+                        beta[i, s] = g.final[b, s]
+                bound[b] += _bound_step(b, t, inflow, emissions, g, Sb, beta, i, ahead, tiny)
     return bound
 
 

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import backends
 from ._inputs import Lengths, check_scores, ctc_batch, time_major
-from ._memory import check_memory
 from .loss import compute_dtype
 from .targets import state_occupation
 from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
@@ -69,68 +69,6 @@ class Alignment(tuple):
         return self[1]
 
 
-def _viterbi_torch(trellis: CTCTrellis, log_probs: Tensor) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch batched Viterbi in float64: ``(T, B, C)`` log-probs -> ``(B, T)`` states,
-    ``(B,)`` path scores. Memory: the packed backpointers, ``T * B * S / 4`` bytes."""
-    T, B, _ = log_probs.shape
-    S = trellis.labels.shape[1]
-    device = log_probs.device
-    # an item without frames has the empty path if its target is empty, else none
-    no_frames = torch.where(trellis.target_lengths == 0, 0.0, NEG).double()
-    if T == 0:
-        return torch.full((B, 0), -1, dtype=torch.int64, device=device), no_frames
-    width = (S + 3) // 4
-    packed = torch.zeros(T, B, width, dtype=torch.uint8, device=device)
-    shifts = (2 * torch.arange(4, device=device)).repeat(width)[:S]
-
-    def emission(t: int) -> Tensor:  # per frame: a (T, B, S) table would cost 32 bits per state
-        return log_probs[t].gather(1, trellis.labels).double().clamp(min=NEG)
-
-    delta = emission(0) + trellis.initial_weights(torch.float64)
-    last = torch.where(trellis.input_lengths[:, None] == 1, delta, torch.full_like(delta, NEG))
-    weights = trellis.transition_weights(0, torch.float64)
-    for t in range(1, T):
-        if trellis.delay_penalty:
-            weights = trellis.transition_weights(t, torch.float64)
-        best, code = trellis.predecessors(delta, weights).max(0)  # first maximum: skip > advance > stay
-        codes = torch.nn.functional.pad(code.to(torch.uint8) << shifts.to(torch.uint8), (0, 4 * width - S))
-        packed[t] = codes.view(B, width, 4).sum(-1, dtype=torch.uint8)
-        delta = best + emission(t)
-        last = torch.where(trellis.input_lengths[:, None] == t + 1, delta, last)
-    final = trellis.final_states()
-    end_scores = torch.where(final, last, NEG)
-    S_b = trellis.num_states
-    last_label = (S_b - 2).clamp(min=0)
-    score_blank = end_scores.gather(1, (S_b - 1)[:, None])[:, 0]
-    score_label = end_scores.gather(1, last_label[:, None])[:, 0]
-    use_label = (trellis.target_lengths > 0) & (score_label > score_blank)
-    state = torch.where(use_label, last_label, S_b - 1)
-    path_score = torch.where(use_label, score_label, score_blank)
-    path_score = torch.where(trellis.input_lengths == 0, no_frames, path_score)
-    states = torch.full((B, T), -1, dtype=torch.int64, device=device)
-    items = torch.arange(B, device=device)
-    for t in range(T - 1, -1, -1):
-        inside = t < trellis.input_lengths
-        states[:, t] = torch.where(inside, state, -1)
-        code = (packed[t, items, state.clamp(min=0) >> 2] >> (2 * (state.clamp(min=0) & 3)).to(torch.uint8)) & 3
-        state = torch.where(inside & (t > 0), state - (2 - code.long()), state)
-    return states, path_score
-
-
-def _viterbi_kernel(trellis: CTCTrellis, log_probs: Tensor, checkpoint_every: int | None) -> tuple[Tensor, Tensor]:
-    from . import _kernels
-
-    T, B, _ = log_probs.shape
-    states = torch.full((B, T), -1, dtype=torch.int64)
-    path_score = torch.empty(B, dtype=torch.float64)
-    _kernels.viterbi(
-        log_probs.detach().contiguous().numpy(), trellis.labels.numpy(), trellis.skip.numpy(),
-        trellis.num_states.numpy(), trellis.input_lengths.numpy(), int(checkpoint_every or max(T, 1)),
-        float(trellis.delay_penalty), states.numpy(), path_score.numpy(),
-    )
-    return states, path_score
-
-
 def forced_align(
     log_probs: Tensor,
     targets: Tensor,
@@ -168,7 +106,9 @@ def forced_align(
         topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
         delay_penalty: as for :func:`ctclab.ctc_loss`; ``path_score`` then includes the entry
             weights (``scores`` stay the emission log-probs).
-        impl: ``'auto'`` (numba kernel on CPU, PyTorch elsewhere), ``'kernel'`` or ``'torch'``.
+        impl: the backend (:mod:`ctclab.backends`): ``'auto'`` (the numba kernel on CPU, the
+            PyTorch reference elsewhere), ``'numba'`` or ``'reference'`` (``'kernel'`` and
+            ``'torch'``, their former names, still work with a DeprecationWarning).
         batch_first: ``log_probs`` is ``(B, T, C)`` (Hugging Face models' logits, torchaudio's
             aligner's ``(1, T, C)``); the results are those of the time-major call.
 
@@ -180,8 +120,7 @@ def forced_align(
         ValueError: as :func:`ctclab.ctc_loss` for malformed input; NaN inside an item's frames
             (naming the item and frame); items without a path (unless ``skip_infeasible``).
     """
-    if impl not in ("auto", "kernel", "torch"):
-        raise ValueError(f"impl must be 'auto', 'kernel' or 'torch', got {impl!r}")
+    impl = backends.check_impl(impl)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
     if star is not None and not (isinstance(star, (int, float)) and star == star):
@@ -202,21 +141,7 @@ def forced_align(
             "pass skip_infeasible=True to skip them"
         )
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
-    use_kernel = impl == "kernel" or (impl == "auto" and lp.device.type == "cpu")
-    T, B, _ = lp.shape
-    S = trellis.labels.shape[1]
-    if use_kernel:
-        K = min(checkpoint_every or max(T, 1), max(T, 1))
-        # per thread: packed backpointers of a segment, checkpoints, two score rows
-        per_item = K * ((S + 3) // 4) + 8 * (T // K + 3) * (S + 6)
-        check_memory(min(B, _threads()) * per_item + 16 * B * T, lp.device, "forced_align",
-                     "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
-        states, path_score = _viterbi_kernel(trellis, lp, checkpoint_every)
-    else:
-        # packed backpointers, a (B, S) float64 step's temporaries, the states
-        check_memory(T * B * ((S + 3) // 4 + 8) + 64 * B * S, lp.device, "forced_align",
-                     "align shorter segments (the CPU kernel also takes checkpoint_every)")
-        states, path_score = _viterbi_torch(trellis, lp)
+    states, path_score = backends.select("viterbi", impl, trellis, lp).viterbi(trellis, lp, checkpoint_every)
     states = states.to(lp.device)
     path_score = path_score.to(lp.device, lp.dtype)
     aligned = feasible & (path_score > NEG / 2)
@@ -236,12 +161,6 @@ def forced_align(
         labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
     result = Alignment(labels, scores, states, path_score, aligned, blank, topology, float(delay_penalty))
     return result.item(0) if batch.unbatched else result
-
-
-def _threads() -> int:
-    import numba
-
-    return numba.get_num_threads()
 
 
 def _trellis_option(name: str, given, alignment, default):
@@ -270,6 +189,7 @@ def alignment_posteriors(
     *,
     delay_penalty: float | None = None,
     batch_first: bool = False,
+    impl: str = "auto",
 ) -> Tensor:
     r"""``(B, T)`` posterior probability :math:`\gamma_t(s_t)` that frame t is occupied by the state
     the alignment put it in (forward-backward over the same trellis as the loss; 0 beyond the
@@ -283,6 +203,7 @@ def alignment_posteriors(
         blank, topology, delay_penalty: default to the alignment's own (an :class:`Alignment`
             remembers them; otherwise 0, ``'standard'``, 0).
         batch_first: ``log_probs`` is ``(B, T, C)``.
+        impl: the posteriors' backend (:mod:`ctclab.backends`).
 
     Raises:
         ValueError: ``alignment`` does not match ``log_probs`` (shape), an option contradicts the
@@ -296,7 +217,7 @@ def alignment_posteriors(
         raise TypeError(f"alignment must be the Alignment returned by forced_align, got {type(alignment).__name__}")
     log_probs = time_major(log_probs, batch_first)
     gamma = state_occupation(log_probs, targets, input_lengths, target_lengths, blank, topology, star,
-                             delay_penalty=delay_penalty)
+                             delay_penalty=delay_penalty, impl=impl)
     unbatched = gamma.dim() == 2
     if unbatched:
         gamma = gamma[:, None]

@@ -165,8 +165,8 @@ def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024
 inputs = bench.make_inputs(*{tuple(shape)!r}, dtype=torch.{dtype})
 bench._time_impls({{{impl!r}: bench.IMPLS[{impl!r}]}}, inputs, 'cpu', 1, 0)
-import ctclab._fused
-ctclab._fused._scratch.__dict__.clear()  # count the kernels' reusable scratch too
+import ctclab.backends.numba_cpu
+ctclab.backends.numba_cpu._scratch.__dict__.clear()  # count the kernels' reusable scratch too
 gc.collect()
 before = status('VmRSS:')
 open('/proc/self/clear_refs', 'w').write('5')

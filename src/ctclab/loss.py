@@ -1,15 +1,16 @@
 r"""The CTC loss: ``ctc_loss`` and ``CTCLoss``, with the semantics of ``torch.nn.functional.ctc_loss``.
 
-Two implementations of the same maths, both built on :mod:`ctclab.trellis`:
+The maths is written once (:mod:`ctclab.graph`, :mod:`ctclab.semiring`); the backend registry
+(:mod:`ctclab.backends`) picks who computes it:
 
 * ``impl='autograd'``: the forward recursion written in PyTorch (one Python loop over time,
   vectorised over batch and states); autograd differentiates it, to any order. It runs in
   probability space with rescaling (:mod:`ctclab.scaled`); items whose underflow it cannot
   bound, and every item under a delay penalty, run in log space (:mod:`ctclab.trellis`).
-* ``impl='fused'``: an explicit forward-backward (:mod:`ctclab._fused`); the gradient is the
-  posterior occupation scattered onto the classes. Fast; first derivatives only. On CPU the
-  numba kernels; on CUDA (standard topology, no delay penalty) PyTorch's own CUDA kernel with
-  its gradient corrected to the true one; elsewhere the pure-PyTorch log-space recursion.
+* ``impl='fused'`` (``'auto'``): an explicit forward-backward; the gradient is the posterior
+  occupation scattered onto the classes. Fast; first derivatives only. On CPU the numba
+  kernels; on CUDA (standard topology, no delay penalty) PyTorch's own CUDA kernel with its
+  gradient corrected to the true one; elsewhere the PyTorch reference in log space.
 """
 from __future__ import annotations
 
@@ -18,16 +19,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import backends
 from ._inputs import CTCBatch, Lengths, ctc_batch
-from ._memory import check_memory
-from .scaled import negative_log_likelihood as scaled_nll
-from .trellis import TOPOLOGIES, CTCTrellis, Topology, check_delay_penalty
-from .trellis import negative_log_likelihood as trellis_nll
+from .graph import CTCGraph, Topology, check_delay_penalty, check_topology
 
 Reduction = Literal["none", "mean", "sum"]
-Impl = Literal["auto", "autograd", "fused"]
+#: ``impl`` names (:mod:`ctclab.backends`): "auto", "fused", "autograd", "numba", "reference", "cuda-builtin", ...
+Impl = str
 REDUCTIONS = ("none", "mean", "sum")
-IMPLS = ("auto", "autograd", "fused")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,17 +34,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def check_options(reduction: str, impl: str) -> None:
+def check_options(reduction: str, impl: str) -> str:
+    """Check ``reduction`` and ``impl``; returns ``impl``'s current name (:func:`ctclab.backends.check_impl`)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return backends.check_impl(impl)
 
 
 def check_graph_options(topology: str, delay_penalty: float) -> None:
-    """The trellis's options, checked where they are stored (e.g. :class:`CTCLoss`), not at the first call."""
-    if topology not in TOPOLOGIES:
-        raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
+    """The graph's options, checked where they are stored (e.g. :class:`CTCLoss`), not at the first call."""
+    check_topology(topology)
     check_delay_penalty(delay_penalty)
 
 
@@ -53,29 +51,10 @@ def negative_log_likelihood(
     batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
 ) -> Tensor:
     """``(B,)`` CTC negative log-likelihood of a validated batch, in the compute dtype
-    (``inf`` for items without any path)."""
-    from ._fused import builtin_cuda_nll, fused_nll
-
+    (``inf`` for items without any path), by the backend ``impl`` selects (:mod:`ctclab.backends`)."""
     log_probs = batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
-    if impl != "autograd" and log_probs.device.type == "cuda" and topology == "standard" and not delay_penalty:
-        # PyTorch's CUDA kernel is tens of times faster than a Python loop over time on a GPU;
-        # its gradient is corrected to the true one (no trellis needed)
-        return builtin_cuda_nll(log_probs, batch.targets, batch.input_lengths, batch.target_lengths, batch.blank)
-    trellis = CTCTrellis.build(batch, topology, delay_penalty)
-    if impl == "autograd" or log_probs.device.type != "cpu":
-        # autograd keeps each frame's (B, S) forward variables and more; so does the log-space
-        # forward-backward of other devices (the CPU kernels check their own scratch)
-        T, B, S = log_probs.shape[0], *trellis.labels.shape
-        check_memory(3 * T * B * S * log_probs.element_size(), log_probs.device,
-                     f"ctc_loss (impl={impl!r}, T={T}, B={B}, S={S} states)",
-                     "use shorter inputs or a smaller batch" + (" (or impl='fused' on CPU)" if impl == "autograd" else ""))
-    if impl != "autograd":
-        return fused_nll(trellis, log_probs)
-    nll = trellis_nll(trellis, log_probs) if delay_penalty else scaled_nll(trellis, log_probs)
-    if log_probs.requires_grad and torch.is_grad_enabled() and not nll.requires_grad:
-        # no item has a frame (T = 0, or every input length 0): a zero gradient, not a missing graph
-        nll = nll + log_probs[:0].sum()
-    return nll
+    graph = CTCGraph.build(batch, topology, delay_penalty)
+    return backends.select("loss", impl, graph, log_probs).loss(graph, log_probs)
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
@@ -121,11 +100,14 @@ def ctc_loss(
             length (clamped to >= 1), then averaged over the batch.
         zero_infinity: replace infinite losses (targets that cannot fit in their frames) and their
             gradients by zero.
-        impl: ``'fused'`` (explicit forward-backward, fastest, first derivatives only),
-            ``'autograd'`` (recursion differentiated by autograd: pass it for higher-order
-            gradients and for research on modified recursions) or ``'auto'`` (= ``'fused'``).
-        topology: ``'standard'`` (Graves) or ``'modified'`` (k2's modified CTC topology, Laptev
-            et al. 2022: the skip over a blank is allowed between equal labels too).
+        impl: the backend (:mod:`ctclab.backends`): ``'auto'`` (= ``'fused'``: the fastest
+            explicit forward-backward, first derivatives only — the numba kernels on CPU),
+            ``'autograd'`` (the recursion differentiated by autograd: pass it for higher-order
+            gradients and for research on modified recursions), or a backend by name
+            (``'numba'``, ``'reference'``, ``'cuda-builtin'``).
+        topology: a name in :data:`ctclab.graph.TOPOLOGIES`: ``'standard'`` (Graves),
+            ``'modified'`` (k2's: the skip over a blank is allowed between equal labels too),
+            ``'selfless'`` and ``'minimal'`` (Laptev et al. 2022: no self-loops on labels).
         delay_penalty: ``lam`` >= 0 of the delay penalty (k2 / icefall): every transition into a
             label state at frame t is weighted by ``exp(-lam * (t - T_b / 2))``, favouring early
             emissions; self-loops are unchanged. 0 is plain CTC.
@@ -154,7 +136,7 @@ def ctc_loss(
         Classification: Labelling Unsegmented Sequence Data with Recurrent Neural Networks",
         ICML 2006, section 4.1.
     """
-    check_options(reduction, impl)
+    impl = check_options(reduction, impl)
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
     losses = negative_log_likelihood(batch, impl, topology, delay_penalty)
     loss = reduce_losses(losses, batch.target_lengths, reduction, zero_infinity)
@@ -171,7 +153,7 @@ class CTCLoss(nn.Module):
         *, topology: Topology = "standard", delay_penalty: float = 0.0,
     ):
         super().__init__()
-        check_options(reduction, impl)
+        impl = check_options(reduction, impl)
         check_graph_options(topology, delay_penalty)
         self.blank = blank
         self.reduction = reduction

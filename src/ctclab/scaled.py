@@ -27,11 +27,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._fused import kernels_available
 from ._inputs import frame_mask
+from .semiring import PROBABILITY, backward, forward
 from .trellis import NEG, CTCTrellis, is_impossible
 from .trellis import negative_log_likelihood as log_space_nll
 
@@ -40,67 +39,17 @@ from .trellis import negative_log_likelihood as log_space_nll
 MAX_UNDERFLOW_ERROR = {torch.float32: 1e-6, torch.float64: 1e-13}
 
 
-def _transition_into(out: Tensor, a: Tensor, skip: Tensor) -> Tensor:
-    """``out[s] = a[s] + a[s-1] + skip[s] * a[s-2]``, written into ``out``."""
-    out.copy_(a)
-    out[:, 1:] += a[:, :-1]
-    out[:, 2:].addcmul_(a[:, :-2], skip[:, 2:])
-    return out
+def transition(alpha: Tensor, weights: Tensor) -> Tensor:
+    """``(B, S)`` probabilities at frame t-1 -> their sum over each state's predecessors,
+    weighted by the graph's ``(3, B, S)`` probability weights (:meth:`ctclab.graph.CTCGraph.probability_weights`):
+    the probability semiring's transition (:mod:`ctclab.semiring`), differentiable to any order."""
+    return PROBABILITY.transition(alpha, weights)
 
 
-def _transposed_into(out: Tensor, g: Tensor, skip: Tensor) -> Tensor:
-    """``out[s] = g[s] + g[s+1] + skip[s+2] * g[s+2]``, written into ``out``: the backward
-    recursion's step."""
-    out.copy_(g)
-    out[:, :-1] += g[:, 1:]
-    out[:, :-2].addcmul_(g[:, 2:], skip[:, 2:])
-    return out
-
-
-class _Transition(torch.autograd.Function):
-    """``(B, S)`` -> ``(B, S)``: :func:`_transition_into`. Linear, so its backward is its
-    transpose (:class:`_TransitionTransposed`), whose backward is this again: derivatives of
-    every order, three kernels each way where autograd would pad, slice and zero-fill shifted
-    copies."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, skip: Tensor) -> Tensor:
-        ctx.skip = skip  # a constant 0/1 mask
-        return _transition_into(torch.empty_like(a), a, skip)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _TransitionTransposed.apply(grad, ctx.skip), None
-
-
-class _TransitionTransposed(torch.autograd.Function):
-    """:func:`_transposed_into` as an autograd Function (the transpose of :class:`_Transition`)."""
-
-    @staticmethod
-    def forward(ctx, grad: Tensor, skip: Tensor) -> Tensor:
-        ctx.skip = skip
-        return _transposed_into(torch.empty_like(grad), grad, skip)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _Transition.apply(grad, ctx.skip), None
-
-
-def transition(alpha: Tensor, skip: Tensor) -> Tensor:
-    """``(B, S)`` probabilities at frame t-1 -> their sum over each state's predecessors (stay,
-    advance, skip where ``skip`` ``(B, S)`` is 1): the trellis's transition matrix applied to
-    ``alpha``, differentiable to any order. Large frames go through a linear autograd Function
-    (three kernels each way); small ones through shifted copies, since there a Python
-    Function's call costs more than autograd's own nodes."""
-    if alpha.numel() <= SMALL_FRAME and alpha.shape[1] >= 3:
-        return torch.addcmul(alpha + F.pad(alpha, (1, -1)), F.pad(alpha, (2, -2)), skip)
-    return _Transition.apply(alpha, skip)
-
-
-def transition_transposed(beta: Tensor, skip: Tensor) -> Tensor:
+def transition_transposed(beta: Tensor, weights: Tensor) -> Tensor:
     """The transpose of :func:`transition`: ``(B, S)`` scores of going on from frame t+1 ->
     their sum over each state's successors."""
-    return _TransitionTransposed.apply(beta, skip)
+    return PROBABILITY.transposed(beta, weights)
 
 
 class ScaledForward:
@@ -126,8 +75,7 @@ class ScaledForward:
         """``(B,)`` bool: the item's log-likelihood is that of the log-space recursion to within
         :data:`MAX_UNDERFLOW_ERROR` (impossible items and items without frames included)."""
         trellis = self.trellis
-        # NaN: a score the item reads is NaN, and so is its log-space likelihood
-        exact = ~trellis.feasible | (trellis.input_lengths == 0) | torch.isnan(self.log_likelihood.detach())
+        exact = ~trellis.feasible | (trellis.input_lengths == 0)
         if bool(exact.all()):
             return exact
         survived = torch.isfinite(self.log_likelihood.detach())
@@ -203,22 +151,17 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
     T, B, C = log_probs.shape
     device = log_probs.device
     S = trellis.labels.shape[1]
-    states = torch.arange(S, device=device)
-    start = ((states == 0) | ((states == 1) & (trellis.target_lengths[:, None] > 0))).to(dtype)
     no_frames = torch.where(trellis.target_lengths == 0, 0.0, -torch.inf).to(dtype)
     if T == 0:
         return ScaledForward(trellis, no_frames, [], torch.zeros(0, B, S, dtype=dtype, device=device))
     emissions, shift = _state_emissions(trellis, log_probs, dtype)
     every = _normalise_every(emissions)
-    skip = trellis.skip.to(dtype)
-    accepting = trellis.final_states().to(dtype)
+    accepting = trellis.final.to(dtype)
     ends = _last_frames(trellis)
     tiny = torch.finfo(dtype).tiny
     inflows, finals, divisors = [], [], []
-    alpha = start
-    for t, emission in enumerate(emissions.unbind(0)):  # one backward node for all frames
-        inflow = transition(alpha, skip) if t else start
-        alpha = inflow * emission
+
+    def rescale(t: int, inflow: Tensor, alpha: Tensor) -> Tensor:
         if t % every == every - 1:
             mass = alpha.detach().sum(1, keepdim=True).clamp_(min=tiny)
             alpha = alpha * mass.reciprocal()
@@ -227,6 +170,9 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
             items = ends[t]
             finals.append((alpha[items] * accepting[items]).sum(1))
         inflows.append(inflow)
+        return alpha
+
+    forward(trellis, emissions.unbind(0), PROBABILITY, rescale)  # unbind: one backward node for all frames
     # the constants' logs, summed in float64 (hundreds of terms)
     inside = frame_mask(T, trellis.input_lengths)
     log_scale = torch.where(inside, shift.double(), 0.0).sum(0)
@@ -259,6 +205,8 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
     runs the backward variables in float64; :func:`reference_underflow_bound` is the same in
     PyTorch, on any device, in the forward's dtype.
     """
+    from .backends.numba_cpu import available as kernels_available
+
     if forward.emissions.device.type == "cpu" and kernels_available():
         import numba
 
@@ -267,8 +215,7 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
         trellis = forward.trellis
         return torch.from_numpy(_kernels.scaled_underflow_bound(
             numba.typed.List([x.detach().numpy() for x in forward.inflows]), forward.emissions.detach().numpy(),
-            trellis.skip.numpy(), trellis.input_lengths.numpy(), trellis.num_states.numpy(),
-            torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
+            trellis.kernel_graph(0), torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
         ))
     return reference_underflow_bound(forward)
 
@@ -281,30 +228,24 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
     tiny_forward = torch.finfo(forward.emissions.dtype).tiny
     dtype = dtype or forward.emissions.dtype
     emissions = forward.emissions.detach().to(dtype)
-    T, B, S = emissions.shape
+    T = emissions.shape[0]
     tiny = torch.finfo(dtype).tiny
-    skip = trellis.skip.to(dtype)
-    accepting = trellis.final_states().to(dtype)
-    accepting /= accepting.sum(1, keepdim=True).clamp(min=1)
-    ends = _last_frames(trellis)
-    # no autograd here: two (B, S) buffers for the whole pass, every step in place
-    beta = accepting.clone()
-    ahead = torch.empty_like(beta)
-    beta_scale = torch.ones(B, 1, dtype=dtype, device=beta.device)
-    terms = []
-    for t in range(T - 1, -1, -1):
-        if t in ends:
-            beta[ends[t]] = accepting[ends[t]]
-            beta_scale[ends[t]] = 1.0
+    terms: list[Tensor] = [None] * T
+
+    def bound_term(t: int, beta: Tensor) -> Tensor:
+        """Frame t's term of the bound; beta_t rescaled to sum 1 to go on with."""
+        scale = beta.sum(1, keepdim=True).clamp_(min=tiny).reciprocal_()
         inflow = forward.inflows[t].detach().to(dtype)
         mass = torch.linalg.vecdot(inflow, emissions[t])  # c_t
-        torch.mul(emissions[t], beta, out=ahead).mul_(beta_scale)  # beta_t(s) y_t(s), beta_t rescaled
-        overlap = torch.linalg.vecdot(inflow, ahead) / mass  # z_t
-        losses = 16 * tiny_forward * (1 + 1 / mass) + 16 * tiny * (1 + beta_scale.squeeze(1))
-        terms.append(torch.where(overlap > 0, losses / overlap, torch.inf))
-        _transposed_into(beta, ahead, skip)  # beta_{t-1}
-        beta_scale = beta.sum(1, keepdim=True).clamp_(min=tiny).reciprocal_()
-    return torch.where(frame_mask(T, trellis.input_lengths), torch.stack(terms[::-1]), 0.0).sum(0)
+        overlap = torch.linalg.vecdot(inflow, emissions[t] * beta * scale) / mass  # z_t
+        losses = 16 * tiny_forward * (1 + 1 / mass) + 16 * tiny * (1 + scale.squeeze(1))
+        terms[t] = torch.where(overlap > 0, losses / overlap, torch.inf)
+        return beta * scale
+
+    backward(trellis, emissions.unbind(0), PROBABILITY, bound_term)
+    if T == 0:
+        return torch.zeros(trellis.labels.shape[0], dtype=dtype, device=emissions.device)
+    return torch.where(frame_mask(T, trellis.input_lengths), torch.stack(terms), 0.0).sum(0)
 
 
 #: Below this many states per frame (batch x states) the recursion's cost is per operation, not

@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import backends
 from ._inputs import Lengths, _lengths_tensor, check_scores, ctc_batch, frame_mask
-from ._memory import check_memory
+from .graph import CTCGraph, Topology
 from .loss import compute_dtype
-from .trellis import CTCTrellis, Topology, add_wildcard, state_posteriors
+from .trellis import add_wildcard
 
 CTCLossFn = Callable[..., Tensor]
 
@@ -28,6 +29,8 @@ def alignment_targets(
     target_lengths: Lengths,
     blank: int = 0,
     ctc_loss: CTCLossFn | None = None,
+    *,
+    impl: str = "auto",
 ) -> Tensor:
     r"""Per-frame alignment targets :math:`\gamma_t(k) = \sum_{s: l'_s = k} \alpha_t(s)\beta_t(s) / p(l|x)`.
 
@@ -44,7 +47,7 @@ def alignment_targets(
         targets, input_lengths, target_lengths, blank: as for :func:`ctclab.ctc_loss`.
         ctc_loss: any callable with the ``torch.nn.functional.ctc_loss`` signature (the built-in,
             ``ctclab.ctc_loss``, ``functools.partial(ctclab.ctc_loss, impl='autograd')``...).
-            Default: ctclab's fused path.
+            Default: ctclab's own, with the backend ``impl`` (:mod:`ctclab.backends`).
 
     Returns:
         ``(T, B, C)`` (or ``(T, C)``) detached targets in the compute dtype (float32 for
@@ -60,7 +63,13 @@ def alignment_targets(
         raise TypeError(f"ctc_loss must be a callable like torch.nn.functional.ctc_loss, got {type(ctc_loss).__name__}")
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
     if ctc_loss is None:
-        from .loss import ctc_loss
+        from functools import partial
+
+        from .loss import ctc_loss as ctclab_loss
+
+        ctc_loss = partial(ctclab_loss, impl=backends.check_impl(impl))
+    elif impl != "auto":
+        raise ValueError("pass either ctc_loss or impl (ctclab's own loss with that backend), not both")
     logits = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype)).requires_grad_(True)
     with torch.enable_grad():
         losses = ctc_loss(
@@ -88,13 +97,14 @@ def state_occupation(
     star: float | None = None,
     *,
     delay_penalty: float = 0.0,
+    impl: str = "auto",
 ) -> Tensor:
     r"""``(T, B, S)`` (or ``(T, S)``) posterior occupation :math:`\gamma_t(s)` of each state of the
     blank-extended target (state ``2i + 1`` is label ``i``, even states are blanks),
     ``S = 2 max(L) + 1``. Frames beyond an item's input length, and impossible items, are 0.
     ``star``: wildcard penalty when ``targets`` hold :data:`ctclab.trellis.STAR` entries
     (see :func:`ctclab.trellis.add_wildcard`). ``topology``, ``delay_penalty``: the trellis's
-    options, as for :func:`ctclab.ctc_loss`.
+    options, as for :func:`ctclab.ctc_loss`. ``impl``: the backend (:mod:`ctclab.backends`).
 
     Raises:
         ValueError: as :func:`ctclab.ctc_loss`; NaN inside an item's frames (naming item and frame).
@@ -103,14 +113,9 @@ def state_occupation(
         log_probs, targets = add_wildcard(log_probs, targets, float(star))
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
     check_scores(batch.log_probs, batch.input_lengths)
-    trellis = CTCTrellis.build(batch, topology, delay_penalty)
-    T, B, S = batch.log_probs.shape[0], *trellis.labels.shape
-    # emissions, alpha, beta and the posteriors, (T, B, S) each in float64 at worst
-    check_memory(4 * T * B * S * 8, batch.log_probs.device, f"state_occupation (T={T}, B={B}, S={S} states)",
-                 "use shorter inputs or a smaller batch")
-    with torch.no_grad():
-        emissions = trellis.emissions(batch.log_probs.to(compute_dtype(batch.log_probs.dtype)))
-        gamma = state_posteriors(trellis, emissions)
+    graph = CTCGraph.build(batch, topology, delay_penalty)
+    log_probs = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
+    gamma = backends.select("posteriors", impl, graph, log_probs).posteriors(graph, log_probs)
     return gamma[:, 0] if batch.unbatched else gamma
 
 

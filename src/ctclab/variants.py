@@ -14,6 +14,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from . import backends
 from ._inputs import CTCBatch, Lengths, ctc_batch, frame_mask
 from .loss import Impl, Reduction, check_options, compute_dtype, ctc_loss, reduce_losses
 from .targets import _frame_lengths, class_index, real_number
@@ -229,7 +230,7 @@ def _path_entropy(batch: CTCBatch, x: Tensor, topology: Topology, delay_penalty:
 def entropy_regularised_ctc_loss(
     log_probs: Tensor, targets: Tensor, input_lengths: Lengths | None, target_lengths: Lengths | None, blank: int = 0,
     beta: float = 0.2, reduction: Reduction = "mean", zero_infinity: bool = False,
-    *, topology: Topology = "standard", delay_penalty: float = 0.0,
+    *, topology: Topology = "standard", delay_penalty: float = 0.0, impl: str = "autograd",
 ) -> Tensor:
     r"""Maximum-entropy regularised CTC, EnCTC (Liu et al., "Connectionist Temporal Classification
     with Maximum Entropy Regularization", NeurIPS 2018):
@@ -244,14 +245,19 @@ def entropy_regularised_ctc_loss(
 
     Args:
         log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
-            topology, delay_penalty: as for :func:`ctclab.ctc_loss` (always its autograd path).
+            topology, delay_penalty: as for :func:`ctclab.ctc_loss`.
         beta: finite weight of the entropy.
+        impl: a backend whose loss differentiates twice (the entropy is made of the loss's
+            gradient): ``'autograd'``, the only one today.
 
     Returns:
         A scalar, or ``(B,)`` for ``reduction='none'`` (a scalar for unbatched input), in the dtype
         of ``log_probs``; ``inf`` for items whose target cannot fit (0 with ``zero_infinity``).
     """
-    check_options(reduction, "autograd")
+    impl = check_options(reduction, impl)
+    higher = [b.name for b in backends.backends("loss") if b.higher_order]
+    if impl not in higher:
+        raise ValueError(f"entropy_regularised_ctc_loss differentiates the loss twice: impl must be one of {higher}, got {impl!r}")
     beta = real_number("beta", beta)
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
     if beta == 0:

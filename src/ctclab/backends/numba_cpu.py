@@ -1,0 +1,206 @@
+"""The numba backend: CPU kernels (:mod:`ctclab._kernels`) for the loss's explicit
+forward-backward and for Viterbi, parallel over the batch.
+
+The forward pass computes the likelihood and, when a gradient will be needed, the posteriors;
+the backward pass returns them scaled (the true gradient, for any log-scores). Items whose
+underflow the kernels cannot bound are recomputed by the reference recursions in log space
+(:mod:`ctclab.trellis`), so results are those of the log-space recursion.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import Tensor
+
+from .._memory import check_memory
+from ..graph import CTCGraph
+from ..trellis import class_posteriors, negative_log_likelihood, state_posteriors
+from . import Backend, register
+from .common import DOUBLE_BACKWARD_ERROR, upstream, with_nan_items
+
+
+def _log_space_grad(trellis: CTCGraph, log_probs: Tensor) -> Tensor:
+    """``(T, B, C)`` posterior occupation of each class (= -d nll / d log_probs)."""
+    gamma = state_posteriors(trellis, trellis.emissions(log_probs))
+    return class_posteriors(trellis, gamma, log_probs.shape[2])
+
+
+#: Largest relative error from underflow (bounded by :func:`ctclab._kernels.forward_backward`) that an
+#: item may carry before it is recomputed in log space.
+_MAX_UNDERFLOW_ERROR = 1e-13
+
+
+_scratch = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...]) -> Tensor:
+    """A float64 scratch tensor of ``shape``, reused across calls of the same thread: the kernels'
+    forward variables and scaled emissions live only during one forward, and fresh pages each
+    call cost page faults."""
+    numel = math.prod(shape)
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float64)
+        setattr(_scratch, name, buffer)
+    return buffer[:numel].view(shape)
+
+
+class _KernelState:
+    """The CPU kernels' forward-backward of a batch.
+
+    The posteriors are computed at forward time when a gradient will be needed: the exactness
+    check (:func:`ctclab._kernels.forward_backward`) needs the backward variables anyway, and an
+    item's forward variables then live only in its thread's scratch buffer. Without a gradient
+    only items whose forward pass lost mass to underflow run the backward check."""
+
+    def __init__(self, trellis: CTCGraph, log_probs: Tensor, need_grad: bool):
+        from .. import _kernels
+
+        C = log_probs.shape[2]
+        self.num_classes, self.classes, self.state_class = map(
+            torch.from_numpy, _kernels.class_tables(trellis.labels.numpy(), C)
+        )
+        U = self.classes.shape[1]
+        self.graph = trellis.kernel_graph(log_probs.shape[0], self.state_class)
+        self.lp = log_probs.detach().contiguous()
+        self.trellis = trellis
+        # the kernel writes the posteriors straight into the gradient's layout (T, B, C) when the
+        # vocabulary is small (backward: one multiplication), else compactly, (T, B, U), scattered
+        # onto the classes in backward (a (T, B, C) buffer held from forward to backward would
+        # double the loss's memory for vocabularies of thousands)
+        self.compact = C > 2 * U
+        loglik, error, self.occupancy = self._run(need_grad)
+        # underflow that may matter, or a vanished score where a path exists: log space
+        self.redo = error > _MAX_UNDERFLOW_ERROR
+        vanished = loglik == -torch.inf
+        if bool(vanished.any()):
+            self.redo |= vanished & trellis.feasible
+        self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
+        nll = (-loglik).to(log_probs.dtype)
+        if bool(self.redo.any()):
+            nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])
+        self.nll = nll
+
+    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods, error bounds and (with ``need_grad``) posteriors."""
+        import numba
+
+        from .. import _kernels
+
+        trellis = self.trellis
+        T, B, C = self.lp.shape
+        S = trellis.labels.shape[1]
+        U = self.classes.shape[1]
+        columns = torch.arange(U).expand(B, U).contiguous() if self.compact else self.classes
+        shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
+        # scratch per thread, and no more threads than items: one long item needs one T x S buffer
+        threads = max(1, min(numba.get_num_threads(), B))
+        check_memory(
+            8 * threads * T * (S + U) + self.lp.element_size() * math.prod(shape), self.lp.device,
+            f"ctc_loss (fused, T={T}, S={S} states per item)",
+            "use shorter inputs or targets (memory grows as T x (2L + 1) per item), or split the batch",
+        )
+        occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
+        scaled = _workspace("scaled", (threads, T, max(U, 1)))
+        alpha = _workspace("alpha", (threads, T, S))
+        # items handed out one at a time to whichever thread is free: a thread slowed by a busy
+        # neighbour no longer holds up the other's last items
+        chunk = numba.set_parallel_chunksize(1)
+        all_threads = numba.get_num_threads()
+        numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
+        try:
+            loglik, error = map(torch.from_numpy, _kernels.forward_backward(
+                self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
+                float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+            ))
+        finally:
+            numba.set_num_threads(all_threads)
+            numba.set_parallel_chunksize(chunk)
+        return loglik, error, occupancy
+
+    def grad(self, grad_nll: Tensor) -> Tensor:
+        """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
+        becomes the gradient (scaled in place, no copy); a second backward through a retained
+        graph recomputes them."""
+        from .. import _kernels
+
+        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
+        self.occupancy = None  # handed out: autograd may keep it as the .grad
+        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
+        if self.compact:
+            grad = torch.empty_like(self.lp)
+            _kernels.scatter_posteriors(
+                occupancy.numpy(), self.classes.numpy(), self.num_classes.numpy(), scale.numpy(), grad.numpy()
+            )
+        else:
+            grad = occupancy.mul_(scale[None, :, None])
+        redo = self.redo & (grad_nll != 0)
+        if bool(redo.any()):
+            sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])
+            grad[:, redo] = sub * grad_nll[redo].to(sub.dtype)[None, :, None]
+        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
+
+
+def available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _delay_in_range(graph: CTCGraph, log_probs: Tensor) -> bool:
+    # entry weights exp(-lam (t - T/2)) must stay inside float64's range in probability space
+    return graph.delay_penalty * log_probs.shape[0] / 2 < 500
+
+
+class _KernelCTC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_probs: Tensor, graph: CTCGraph) -> Tensor:
+        ctx.kernel_state = _KernelState(graph, log_probs, need_grad=ctx.needs_input_grad[0])
+        return ctx.kernel_state.nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        return ctx.kernel_state.grad(upstream(grad_nll)), None
+
+
+def loss(graph: CTCGraph, log_probs: Tensor) -> Tensor:
+    """``(B,)`` negative log-likelihood by the kernels, the true gradient in backward."""
+    return _KernelCTC.apply(log_probs, graph)
+
+
+def _threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = None) -> tuple[Tensor, Tensor]:
+    """Best paths by :func:`ctclab._kernels.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
+    from .. import _kernels
+
+    T, B, _ = log_probs.shape
+    S = graph.labels.shape[1]
+    K = min(checkpoint_every or max(T, 1), max(T, 1))
+    # per busy thread: packed backpointers of a segment, checkpoints, two score rows
+    per_item = K * ((S + 3) // 4) + 8 * (T // K + 3) * (S + 6)
+    check_memory(min(B, _threads()) * per_item + 16 * B * T, log_probs.device, "forced_align",
+                 "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
+    states = torch.full((B, T), -1, dtype=torch.int64)
+    path_score = torch.empty(B, dtype=torch.float64)
+    _kernels.viterbi(
+        log_probs.detach().contiguous().numpy(), graph.labels.numpy(), graph.kernel_graph(T),
+        int(checkpoint_every or max(T, 1)), float(graph.delay_penalty), states.numpy(), path_score.numpy(),
+    )
+    return states, path_score
+
+
+BACKEND = register(Backend(
+    "numba", frozenset({"loss", "viterbi"}), devices=frozenset({"cpu"}), loss=loss, viterbi=viterbi,
+    accepts=_delay_in_range, available=available, runs_on=frozenset({"cpu"}), priority=20, description="CPU kernels (numba), parallel over the batch",
+))

@@ -58,11 +58,19 @@ def state_paths(T: int, target, topology="standard"):
     S = len(ext)
     finals = {S - 1, S - 2} if target else {0}
 
+    # the topologies' rules, from their papers (not from ctclab's graph): label self-loops are
+    # dropped by selfless and minimal CTC; modified and minimal CTC let equal labels follow
+    # each other directly
+    label_stay = topology in ("standard", "modified")
+    equal_skip = topology in ("modified", "minimal")
+
     def allowed(a, b):
-        if b == a or b == a + 1:
+        if b == a:
+            return ext[a] is None or label_stay
+        if b == a + 1:
             return True
         if b == a + 2 and ext[b] is not None:
-            return topology == "modified" or ext[b] != ext[a]
+            return equal_skip or ext[b] != ext[a]
         return False
 
     out = []
@@ -107,3 +115,32 @@ def brute_force_weighted_paths(log_probs, target, blank=0, topology="standard", 
     probs = [math.exp(s - m) / z for s in scores]
     entropy = -sum(p * math.log(p) for p in probs if p > 0)
     return -(m + math.log(z)), entropy
+
+
+def brute_force_paths(log_probs, target, blank=0, topology="standard", entry_weight=None):
+    """Everything the conformance suite checks, by enumerating the topology's state paths of
+    one item (``log_probs`` ``(T, C)``): ``(nll, state posteriors (T, S), best path score, best
+    state path)``; each path scored by its emissions plus ``entry_weight(t)`` for every entry
+    into a label state at frame t (t = 0 included). ``nll`` is inf and the best path None when
+    no path exists."""
+    T = log_probs.shape[0]
+    seqs, ext = state_paths(T, target, topology)
+    lp = log_probs.double().tolist()
+    scores = []
+    for seq in seqs:
+        score = sum(lp[t][blank if ext[s] is None else ext[s]] for t, s in enumerate(seq))
+        if entry_weight is not None:
+            score += sum(entry_weight(t) for t, s in enumerate(seq) if ext[s] is not None and (t == 0 or seq[t - 1] != s))
+        scores.append(score)
+    S = len(ext)
+    post = torch.zeros(T, S, dtype=torch.float64)
+    finite = [s for s in scores if s > -math.inf]
+    if not finite:
+        return math.inf, post, -math.inf, None
+    m = max(finite)
+    z = sum(math.exp(s - m) for s in finite)
+    for seq, score in zip(seqs, scores):
+        for t, s in enumerate(seq):
+            post[t, s] += math.exp(score - m) / z
+    best = max(range(len(seqs)), key=lambda i: scores[i])
+    return -(m + math.log(z)), post, scores[best], list(seqs[best])

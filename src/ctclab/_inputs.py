@@ -95,6 +95,84 @@ def time_major(log_probs: Tensor, batch_first: bool) -> Tensor:
     return log_probs
 
 
+def _checked_log_probs(log_probs: Tensor, blank: int) -> tuple[Tensor, bool]:
+    """``log_probs`` as ``(T, B, C)`` and whether it came unbatched; checks its type, rank,
+    batch and ``blank``."""
+    if not isinstance(log_probs, Tensor):
+        raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
+    if not log_probs.is_floating_point():
+        raise TypeError(f"log_probs must be a floating tensor (float16/bfloat16/float32/float64), got {log_probs.dtype}")
+    if log_probs.dim() not in (2, 3):
+        raise ValueError(f"log_probs must be (T, B, C) or (T, C), got shape {tuple(log_probs.shape)}")
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs = log_probs.unsqueeze(1)
+    T, B, C = log_probs.shape
+    if B == 0:
+        raise ValueError("log_probs hold an empty batch (B = 0, shape (T, 0, C)): pass at least one item")
+    if C < 1:
+        raise ValueError("log_probs must have at least one class (C >= 1)")
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    if not 0 <= blank < C:
+        raise ValueError(f"blank must be in [0, C) = [0, {C}), got {blank}")
+    return log_probs, unbatched
+
+
+def _checked_lengths(log_probs: Tensor, targets: Tensor, input_lengths, target_lengths, hint: str) -> tuple[Tensor, Tensor]:
+    """``(B,)`` int64 input and target lengths on the scores' device (None: full length), in range."""
+    T, B, _ = log_probs.shape
+    device = log_probs.device
+    if input_lengths is None:
+        input_lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+    else:
+        input_lengths = _lengths_tensor("input_lengths", input_lengths, device)
+    if target_lengths is None:
+        if targets.dim() != 2:
+            raise ValueError("target_lengths may be omitted only with padded (B, S) targets")
+        target_lengths = torch.full((targets.shape[0],), targets.shape[1], dtype=torch.int64, device=device)
+    else:
+        target_lengths = _lengths_tensor("target_lengths", target_lengths, device)
+    if B == 1:  # a 0-D length for a batch of one, as the built-in accepts
+        input_lengths = input_lengths.reshape(1) if input_lengths.dim() == 0 else input_lengths
+        target_lengths = target_lengths.reshape(1) if target_lengths.dim() == 0 else target_lengths
+    for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError(
+                f"{name} must have shape (B,) = ({B},) to match log_probs (T, B, C) = {tuple(log_probs.shape)}, "
+                f"got {tuple(lengths.shape)}{hint}"
+            )
+    if int(input_lengths.min()) < 0:
+        raise ValueError("input_lengths must be >= 0")
+    if int(input_lengths.max()) > T:
+        raise ValueError(f"input_lengths must be <= T = {T} (log_probs.shape[0]), got {int(input_lengths.max())}{hint}")
+    if int(target_lengths.min()) < 0:
+        raise ValueError("target_lengths must be >= 0")
+    return input_lengths, target_lengths
+
+
+def _padded_targets(targets: Tensor, target_lengths: Tensor, B: int) -> Tensor:
+    """Padded ``(B, S)`` or concatenated ``(sum(target_lengths),)`` targets -> ``(B, max L)``
+    (entries beyond an item's length unspecified)."""
+    width = int(target_lengths.max())
+    if targets.dim() == 2:
+        if targets.shape[0] != B:
+            raise ValueError(f"targets has batch size {targets.shape[0]}, log_probs has {B}")
+        if width > targets.shape[1]:
+            raise ValueError(f"target_lengths must be <= the padded target width {targets.shape[1]}, got {width}")
+        return targets[:, :width]
+    if targets.dim() != 1:
+        raise ValueError(f"targets must be (B, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
+    total = int(target_lengths.sum())
+    if targets.shape[0] != total:
+        raise ValueError(f"concatenated 1-D targets must have length sum(target_lengths) = {total}, got {targets.shape[0]}")
+    if not total:
+        return torch.zeros(B, width, dtype=torch.int64, device=targets.device)
+    offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    index = offsets[:, None] + torch.arange(width, device=targets.device)
+    return targets[index.clamp(max=total - 1)]
+
+
 def ctc_batch(
     log_probs: Tensor,
     targets: Tensor | None,
@@ -120,26 +198,9 @@ def ctc_batch(
             ``[0, C)`` or equal to ``blank``, ``blank`` outside ``[0, C)``, an empty batch (B = 0:
             like the built-in, which refuses it; every reduction of nothing would be made up).
     """
-    if not isinstance(log_probs, Tensor):
-        raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
-    if not log_probs.is_floating_point():
-        raise TypeError(f"log_probs must be a floating tensor (float16/bfloat16/float32/float64), got {log_probs.dtype}")
-    if log_probs.dim() not in (2, 3):
-        raise ValueError(f"log_probs must be (T, B, C) or (T, C), got shape {tuple(log_probs.shape)}")
-    unbatched = log_probs.dim() == 2
-    if unbatched:
-        log_probs = log_probs.unsqueeze(1)
+    log_probs, unbatched = _checked_log_probs(log_probs, blank)
     T, B, C = log_probs.shape
-    if B == 0:
-        raise ValueError("log_probs hold an empty batch (B = 0, shape (T, 0, C)): pass at least one item")
-    if C < 1:
-        raise ValueError("log_probs must have at least one class (C >= 1)")
-    if isinstance(blank, bool) or not isinstance(blank, int):
-        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
-    if not 0 <= blank < C:
-        raise ValueError(f"blank must be in [0, C) = [0, {C}), got {blank}")
     device = log_probs.device
-
     if targets is None:
         raise TypeError("targets must be a tensor of class indices, got None")
     if not isinstance(targets, Tensor):
@@ -147,67 +208,13 @@ def ctc_batch(
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
     targets = targets.to(device=device, dtype=torch.int64)
-
-    if input_lengths is None:
-        input_lengths = torch.full((B,), T, dtype=torch.int64, device=device)
-    else:
-        input_lengths = _lengths_tensor("input_lengths", input_lengths, device)
     if unbatched:
         if targets.dim() != 1:
             raise ValueError(f"unbatched (T, C) log_probs need 1-D targets (S,), got shape {tuple(targets.shape)}")
         targets = targets.unsqueeze(0)
-        if target_lengths is None:
-            target_lengths = targets.shape[1]
-        input_lengths = input_lengths.reshape(-1)
-        target_lengths = _lengths_tensor("target_lengths", target_lengths, device).reshape(-1)
-    elif target_lengths is None:
-        if targets.dim() != 2:
-            raise ValueError("target_lengths may be omitted only with padded (B, S) targets")
-        target_lengths = torch.full((B,), targets.shape[1], dtype=torch.int64, device=device)
-    else:
-        target_lengths = _lengths_tensor("target_lengths", target_lengths, device)
-
-    hint = ""
-    if batch_first_hint and not unbatched:
-        hint = "; if log_probs is batch-major (B, T, C), pass batch_first=True"
-    if B == 1:  # a 0-D length for a batch of one, as the built-in accepts
-        input_lengths = input_lengths.reshape(1) if input_lengths.dim() == 0 else input_lengths
-        target_lengths = target_lengths.reshape(1) if target_lengths.dim() == 0 else target_lengths
-    for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(
-                f"{name} must have shape (B,) = ({B},) to match log_probs (T, B, C) = {tuple(log_probs.shape)}, "
-                f"got {tuple(lengths.shape)}{hint}"
-            )
-    if int(input_lengths.min()) < 0:
-        raise ValueError("input_lengths must be >= 0")
-    if int(input_lengths.max()) > T:
-        raise ValueError(f"input_lengths must be <= T = {T} (log_probs.shape[0]), got {int(input_lengths.max())}{hint}")
-    if int(target_lengths.min()) < 0:
-        raise ValueError("target_lengths must be >= 0")
-
-    if targets.dim() == 2:
-        if targets.shape[0] != B:
-            raise ValueError(f"targets has batch size {targets.shape[0]}, log_probs has {B}")
-        if int(target_lengths.max()) > targets.shape[1]:
-            raise ValueError(
-                f"target_lengths must be <= the padded target width {targets.shape[1]}, got {int(target_lengths.max())}"
-            )
-        width = int(target_lengths.max())
-        padded = targets[:, :width]
-    elif targets.dim() == 1:
-        total = int(target_lengths.sum())
-        if targets.shape[0] != total:
-            raise ValueError(
-                f"concatenated 1-D targets must have length sum(target_lengths) = {total}, got {targets.shape[0]}"
-            )
-        width = int(target_lengths.max())
-        offsets = torch.cumsum(target_lengths, 0) - target_lengths
-        index = offsets[:, None] + torch.arange(width, device=device)
-        padded = targets[index.clamp(max=max(total - 1, 0))] if total else torch.zeros(B, width, dtype=torch.int64, device=device)
-    else:
-        raise ValueError(f"targets must be (B, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
-
+    hint = "; if log_probs is batch-major (B, T, C), pass batch_first=True" if batch_first_hint and not unbatched else ""
+    input_lengths, target_lengths = _checked_lengths(log_probs, targets, input_lengths, target_lengths, hint)
+    padded = _padded_targets(targets, target_lengths, B)
     valid = torch.arange(padded.shape[1], device=device) < target_lengths[:, None]
     if check_target_values and padded.numel():
         bad = valid & ((padded < 0) | (padded >= C) | (padded == blank))

@@ -1,5 +1,6 @@
 """Runs pyctcdecode (and ctc-beam-decoder, when installed) on saved log-probs, in their own
-interpreter (pyctcdecode pins numpy < 2). Writes texts and seconds per decoder variant."""
+interpreter (pyctcdecode pins numpy < 2). Writes texts and seconds per decoder variant; with
+``hotwords`` in the config (name -> list), pyctcdecode's decode() once per list instead."""
 import json
 import multiprocessing
 import sys
@@ -27,6 +28,12 @@ def main():
     kw = {"alpha": config["alpha"], "beta": config["beta"]}
     out = {}
     decoder = build_ctcdecoder(labels, kenlm_model_path=arpa, **kw)
+    if "hotwords" in config:  # hotword mode: decode() alone, with the lists given
+        for name, hotwords in config["hotwords"].items():
+            hw = {"hotwords": hotwords, "hotword_weight": config["hotword_weight"]} if hotwords else {}
+            out[name] = timed(lambda x: decoder.decode(x, beam_width=beam, **hw), items)
+        json.dump(out, open(out_path, "w"))
+        return
     # decode(): what pyctcdecode users call; it turns on history pruning (prune_history=True)
     out["pyctcdecode"] = timed(lambda x: decoder.decode(x, beam_width=beam), items)
     # decode_beams(): no history pruning

@@ -5,6 +5,10 @@ pyctcdecode pins numpy < 2, so it runs in an interpreter of its own; set one up 
     python3 -m venv /tmp/pcd-venv && /tmp/pcd-venv/bin/pip install pyctcdecode 'numpy<2' kenlm
 
 then: python benchmarks/decode_vs_pyctcdecode.py --pyctcdecode-python /tmp/pcd-venv/bin/python
+
+--hotwords: decoding with 0, 10, 100 and 1,000 hotwords (--hotword-counts), half of each list
+drawn from the words of the synthetic sentences (all of them where there are fewer), the rest
+random letter strings that no sentence holds; both decoders get the same lists and weight.
 """
 import argparse
 import json
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctclab.decode import BeamSearchDecoder
+from ctclab.decode import DEFAULT_HOTWORD_WEIGHT, BeamSearchDecoder
 from ctclab.lm import NGramLM
 from ctclab.vocab import Vocabulary
 
@@ -85,7 +89,13 @@ def main():
                         help="test sets: chance per frame that a wrong letter gets about as much mass as the right one")
     parser.add_argument("--processes", type=int, default=2, help="worker processes for pyctcdecode's decode_batch")
     parser.add_argument("--show", type=int, default=5, help="disagreements to print per decoder")
+    parser.add_argument("--hotwords", action="store_true", help="time decoding with hotword lists instead (see above)")
+    parser.add_argument("--hotword-counts", type=int, nargs="+", default=[0, 10, 100, 1000])
+    parser.add_argument("--hotword-weight", type=float, default=DEFAULT_HOTWORD_WEIGHT,
+                        help="for both decoders (both add it per hotword word found)")
     args = parser.parse_args()
+    if args.hotwords:
+        return hotword_mode(args)
     rng = random.Random(0)
     sentences = corpus(rng)
     labels = [""] + [" "] + list(LETTERS)
@@ -148,6 +158,80 @@ def main():
                 for a, b, t in zip(ours, texts, tests):
                     if a != b and shown < args.show:
                         print(f"    ctclab {a!r} | {name} {b!r} | truth {t!r}")
+                        shown += 1
+
+
+def hotword_lists(rng, sentences, counts):
+    """name -> list: half words of the sentences (at most all of them), half absent words."""
+    said = sorted({w for s in sentences for w in s.split()})
+    lists = {}
+    for n in counts:
+        present = rng.sample(said, min(n // 2, len(said)))
+        absent = set()
+        while len(absent) < n - len(present):
+            w = "".join(rng.choice(LETTERS[:-1]) for _ in range(rng.randint(3, 8)))
+            if w not in said:
+                absent.add(w)
+        lists[f"{n} hotwords"] = present + sorted(absent)
+    return lists
+
+
+def hotword_mode(args):
+    rng = random.Random(0)
+    sentences = corpus(rng)
+    labels = [""] + [" "] + list(LETTERS)
+    vocab = Vocabulary(tuple(["<b>"] + labels[1:]))
+    lists = hotword_lists(rng, sentences, args.hotword_counts)
+    with tempfile.TemporaryDirectory() as tmp:
+        arpa = f"{tmp}/lm.arpa"
+        write_arpa(sentences, arpa)
+        lm = NGramLM.from_arpa(arpa)
+        for confusion in args.confusion:
+            tests = [sentences[rng.randrange(len(sentences))] for _ in range(args.utterances)]
+            lps = [emissions(t, labels, rng, confusion=confusion) for t in tests]
+            T = max(len(lp) for lp in lps)
+            batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
+            for i, lp in enumerate(lps):
+                batch[i, : len(lp)] = lp
+            lengths = np.array([len(lp) for lp in lps])
+            np.savez(f"{tmp}/data.npz", log_probs=batch, lengths=lengths)
+            json.dump({"labels": labels, "alpha": args.alpha, "beta": args.beta, "beam_width": args.beam,
+                       "hotwords": lists, "hotword_weight": args.hotword_weight}, open(f"{tmp}/cfg.json", "w"))
+            subprocess.run([args.pyctcdecode_python, WORKER, f"{tmp}/data.npz", arpa, f"{tmp}/cfg.json", f"{tmp}/out.json"], check=True)
+            theirs = json.load(open(f"{tmp}/out.json"))
+            n = len(tests)
+            print(f"\n== confusion {confusion}: {n} utterances ({lengths.mean():.0f} frames on average), beam {args.beam}, "
+                  f"alpha {args.alpha}, beta {args.beta}, hotword weight {args.hotword_weight}")
+            print("hotwords | ctclab ms/utt (one by one, batch) | pyctcdecode ms/utt | sentences right ctclab, pyctcdecode "
+                  "| of the disagreements, higher objective: ctclab, pyctcdecode, tie")
+            x = torch.from_numpy(batch).transpose(0, 1)
+            for name, hotwords in lists.items():
+                make = lambda: BeamSearchDecoder(vocab.tokens, lm=lm, alpha=args.alpha, beta=args.beta, beam_width=args.beam,  # noqa: E731
+                                                 hotwords=hotwords, hotword_weight=args.hotword_weight)
+                make().decode(x[:, :2], torch.from_numpy(lengths[:2]))  # warm-up (numba)
+                decoder = make()
+                t0 = time.perf_counter()
+                ours = [decoder.decode(x[: lengths[i], i])[0][0].text for i in range(n)]
+                one_by_one = time.perf_counter() - t0
+                decoder = make()
+                t0 = time.perf_counter()
+                batched = [h[0].text for h in decoder.decode(x, torch.from_numpy(lengths))]
+                in_batch = time.perf_counter() - t0
+                assert batched == ours, "batched and one-by-one decoding differ"
+                texts = [" ".join(t.split()) for t in theirs[name]["texts"]]
+                better = [0, 0, 0]
+                for i, (a, b) in enumerate(zip(ours, texts)):
+                    if a != b:
+                        lp = torch.from_numpy(lps[i]).double()
+                        mine, other = decoder.score(lp, vocab.encode(a)[0]).score, decoder.score(lp, vocab.encode(b)[0]).score
+                        better[0 if mine > other else 1 if other > mine else 2] += 1
+                print(f"{name:>15} | {1e3 * one_by_one / n:6.2f}, {1e3 * in_batch / n:6.2f} | {1e3 * theirs[name]['seconds'] / n:8.2f} | "
+                      f"{sum(a == t for a, t in zip(ours, tests))}/{n}, {sum(b == t for b, t in zip(texts, tests))}/{n} | "
+                      f"{better[0]}, {better[1]}, {better[2]}")
+                shown = 0
+                for a, b, t in zip(ours, texts, tests):
+                    if (a != t or b != t) and shown < args.show:
+                        print(f"    ctclab {a!r} | pyctcdecode {b!r} | truth {t!r}")
                         shown += 1
 
 

@@ -128,7 +128,7 @@ def test_hotwords_change_the_result():
     lp = emissions_for(frames, 5)
     assert BeamSearchDecoder(VOCAB).decode(lp)[0][0].text == "ba"
     hot = BeamSearchDecoder(VOCAB, hotwords=["ab"], hotword_weight=2.0).decode(lp)[0][0]
-    assert hot.text == "ab" and hot.lm_score == pytest.approx(4.0)
+    assert hot.text == "ab" and hot.lm_score == pytest.approx(2.0)  # one occurrence of a one-word hotword
 
 
 def test_word_timings_and_bpe_vocabulary():
@@ -255,3 +255,115 @@ def test_unpruned_search_is_exhaustive_for_random_inputs(tmp_path_factory, T, se
     top = decoder.decode(lp)[0][0]
     assert top.score == pytest.approx(best, abs=1e-9)
     assert top.acoustic_score == pytest.approx(decoder.score(lp, top.tokens).acoustic_score, abs=1e-9)
+
+
+# -- batch-major input, NaN, lengths that contradict the shape ----------------------------------
+def test_batch_first_gives_the_time_major_results():
+    logits, _, il, _ = random_batch(30, 4, 5, 3, seed=3, dtype=torch.float64)
+    lp = (2 * logits).log_softmax(-1)
+    batch_major = lp.transpose(0, 1).contiguous()  # (B, T, C), as Hugging Face models return
+    assert greedy_decode(batch_major, il, batch_first=True) == greedy_decode(lp, il)
+    decoder = BeamSearchDecoder(VOCAB, beam_width=8, hotwords=["ab"])
+    assert decoder.decode(batch_major, il, nbest=2, batch_first=True) == decoder.decode(lp, il, nbest=2)
+    # torchaudio's aligner takes (1, T, C): one utterance, not T one-frame ones
+    one = batch_major[:1]
+    assert greedy_decode(one, batch_first=True) == greedy_decode(lp[:, :1])
+    assert decoder.decode(one, batch_first=True) == decoder.decode(lp[:, 0])
+    with pytest.raises(TypeError, match="batch_first"):
+        greedy_decode(lp, batch_first=1)
+
+
+def test_lengths_that_contradict_the_shape_say_batch_first():
+    lp = torch.randn(1, 40, 5).log_softmax(-1)  # (B, T, C) = (1, 40, 5) passed time-major
+    decoder = BeamSearchDecoder(VOCAB)
+    for decode in (greedy_decode, decoder.decode):
+        with pytest.raises(ValueError, match=r"input_lengths has 1 entries but log_probs \(T, B, C\) = \(1, 40, 5\) has B=40 items.*batch_first=True"):
+            decode(lp, torch.tensor([40]))
+        with pytest.raises(ValueError, match=r"input_lengths go up to 40 .* has T=1 frames.*batch_first=True"):
+            decode(lp, torch.full((40,), 40))
+        with pytest.raises(ValueError, match=r"\(B, T, C\) = \(40, 1, 5\).*drop batch_first=True"):
+            decode(lp.transpose(0, 1), torch.tensor([40]), batch_first=True)
+        with pytest.warns(UserWarning, match="40 utterances of one frame each.*batch_first=True"):
+            decode(lp)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy_decode(lp, torch.ones(40, dtype=torch.long))  # one-frame utterances, said so: no warning
+        greedy_decode(lp, batch_first=True)
+
+
+def test_nan_inside_an_item_is_named_and_nan_in_padding_is_ignored():
+    g = torch.Generator().manual_seed(4)
+    lp = (3 * torch.randn(12, 3, 5, generator=g)).log_softmax(-1)
+    lengths = torch.tensor([12, 7, 9])
+    decoder = BeamSearchDecoder(VOCAB, beam_width=8)
+    clean_greedy, clean_beam = greedy_decode(lp, lengths), decoder.decode(lp, lengths, nbest=2)
+    padded = lp.clone()
+    padded[7:, 1] = math.nan  # beyond item 1's 7 frames
+    padded[9:, 2, 3] = math.nan
+    assert greedy_decode(padded, lengths) == clean_greedy
+    assert decoder.decode(padded, lengths, nbest=2) == clean_beam
+    padded[10:, 1, 2] = math.inf
+    assert greedy_decode(padded, lengths) == clean_greedy
+    assert decoder.decode(padded, lengths, nbest=2) == clean_beam
+    bad = padded.clone()
+    bad[5, 2, 1] = math.nan
+    bad[6, 0, 4] = math.inf
+    for decode in (greedy_decode, decoder.decode):
+        with pytest.raises(ValueError, match=r"\+inf at item 0, frame 6"):
+            decode(bad, lengths)
+        bad[6, 0, 4] = 0.0
+        with pytest.raises(ValueError, match="NaN at item 2, frame 5"):
+            decode(bad, lengths)
+        with pytest.raises(ValueError, match="NaN at item 2, frame 5"):
+            decode(bad.transpose(0, 1), lengths, batch_first=True)
+        bad[6, 0, 4] = math.inf
+    with pytest.raises(ValueError, match="NaN at item 0, frame 5"):
+        decoder.score(bad[:, 2], [2])
+    dead = lp.clone()
+    dead[8:, 1] = -math.inf  # beyond item 1's 7 frames: padding
+    assert decoder.decode(dead, lengths, nbest=2) == clean_beam
+    dead[3, 2] = -math.inf
+    with pytest.raises(ValueError, match="item 2 are -inf for every class at frame 3"):
+        decoder.decode(dead, lengths)
+
+
+def test_nbest_larger_than_the_beam_still_returns_nbest():
+    lp = emissions_for([{2: 0.9}, {0: 0.9}, {3: 0.9}, {1: 0.9}, {4: 0.9}], 5)
+    hyps = BeamSearchDecoder(VOCAB, beam_width=1).decode(lp, nbest=4)[0]
+    assert len(hyps) == 4 and len({h.text for h in hyps}) == 4 and hyps[0].text == "ab c"
+
+
+# -- kenlm missing --------------------------------------------------------------------------------
+def test_kenlm_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    from ctclab.lm import KenLM, load_lm
+
+    monkeypatch.setitem(sys.modules, "kenlm", None)  # import kenlm raises ImportError
+    arpa, binary = tmp_path / "lm.arpa", tmp_path / "lm.bin"
+    arpa.write_text(ARPA)
+    binary.write_bytes(b"mmap lm http://kheafield.com/code format version 5\0\x01")
+    with pytest.raises(ImportError, match=r"pip install kenlm.*NGramLM"):
+        KenLM(arpa)
+    with pytest.raises(ValueError, match=r"not an ARPA text file.*pip install kenlm"):
+        load_lm(binary)
+    with pytest.raises(ValueError, match=r"pip install kenlm.*NGramLM"):
+        load_lm(arpa, backend="kenlm")
+    assert isinstance(load_lm(arpa), NGramLM)  # ARPA text: ctclab's own reader
+
+
+def test_returned_scores_are_exact_ctc_scores_despite_pruning():
+    # the beam's own sum covers only the paths it kept; the returned acoustic scores are the
+    # full CTC log-likelihoods (here against torch's implementation), with -inf entries too
+    logits, _, il, _ = random_batch(40, 6, 5, 3, seed=5, dtype=torch.float64)
+    lp = (2 * logits).log_softmax(-1)
+    lp[torch.rand(lp.shape, generator=torch.Generator().manual_seed(6)) < 0.1] = -math.inf
+    decoder = BeamSearchDecoder(VOCAB, beam_width=4, beam_prune_logp=-3.0)
+    for b, hyps in enumerate(decoder.decode(lp, il, nbest=3)):
+        assert len(hyps) == 3
+        for h in hyps:
+            nll = torch.nn.functional.ctc_loss(lp[: il[b], b], torch.tensor(h.tokens, dtype=torch.long), torch.tensor(int(il[b])),
+                                               torch.tensor(len(h.tokens)), reduction="sum")
+            assert h.acoustic_score == pytest.approx(-nll.item(), abs=1e-9)

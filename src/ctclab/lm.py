@@ -120,7 +120,13 @@ class KenLM:
     lets the decoder penalise partial words no LM word starts with."""
 
     def __init__(self, path: str | Path):
-        import kenlm
+        try:
+            import kenlm
+        except ImportError:
+            raise ImportError(
+                "ctclab.KenLM needs the kenlm package: pip install kenlm "
+                "(for an ARPA file, ctclab's own reader needs nothing: ctclab.NGramLM.from_arpa(path))"
+            ) from None
 
         self.model = kenlm.Model(str(path))
         self._kenlm = kenlm
@@ -140,9 +146,24 @@ class KenLM:
         return self.model.BaseScore(state, "</s>", out) * LN10
 
 
+def _is_arpa(path: str | Path) -> bool:
+    """Whether the file starts as ARPA text does (``\\data\\``, blank lines before it allowed)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip().startswith(b"\\data\\")
+    except OSError:
+        return False
+
+
 def load_lm(path: str | Path, backend: str = "auto"):
     """An ARPA (or, with kenlm, binary) LM: ``backend='kenlm'`` needs the kenlm package,
-    ``'python'`` uses :class:`NGramLM`, ``'auto'`` prefers kenlm when it is installed."""
+    ``'python'`` uses :class:`NGramLM`, ``'auto'`` prefers kenlm when it is installed.
+
+    Raises:
+        ValueError: an unknown backend, a missing file, or a file that needs kenlm (a binary
+            ``.bin``/``.klm``, or ``backend='kenlm'``) when kenlm is not installed: the message
+            says to ``pip install kenlm`` (or to use an ARPA file, which :class:`NGramLM` reads).
+    """
     if backend not in ("auto", "kenlm", "python"):
         raise ValueError(f"backend must be 'auto', 'kenlm' or 'python', got {backend!r}")
     if not Path(path).exists():
@@ -152,5 +173,9 @@ def load_lm(path: str | Path, backend: str = "auto"):
             return KenLM(path)
         except ImportError:
             if backend == "kenlm":
-                raise ValueError("backend='kenlm' needs the kenlm package: pip install kenlm") from None
+                raise ValueError("backend='kenlm' needs the kenlm package: pip install kenlm "
+                                 "(or backend='python' for an ARPA file: ctclab's own reader, NGramLM)") from None
+            if not _is_arpa(path):
+                raise ValueError(f"{str(path)!r} is not an ARPA text file (a kenlm binary?): reading it needs the kenlm "
+                                 "package, pip install kenlm; ctclab's own reader (NGramLM) takes ARPA files only") from None
     return NGramLM.from_arpa(path)

@@ -9,7 +9,7 @@ from ctclab import scaled, semiring
 from ctclab.graph import ADVANCE, SKIP, STAY
 from ctclab._inputs import ctc_batch
 from ctclab.trellis import CTCTrellis
-from ctclab.trellis import negative_log_likelihood as log_space_nll
+from ctclab.trellis import log_space_nll
 
 
 def trellis_of(log_probs, targets, il, tl):
@@ -99,7 +99,7 @@ def test_uncertified_items_are_redone_in_float64_then_log_space(monkeypatch):
         return certified_nll(trellis, log_probs, dtype)
 
     monkeypatch.setattr(scaled, "_certified_nll", spy)
-    nll = scaled.negative_log_likelihood(trellis, lp)
+    nll = scaled.scaled_nll(trellis, lp)
     assert calls[0] == (torch.float32, 6) and calls[1][0] == torch.float64 and 0 < calls[1][1] < 6
     assert nll.dtype == torch.float32
     exact = log_space_nll(trellis, lp.double())
@@ -120,7 +120,7 @@ def test_scores_beyond_float64s_range_fall_back_to_log_space(monkeypatch):
     assert (torch.isfinite(forward.log_likelihood) & ~forward.certified()).any()
     fallbacks = []
     monkeypatch.setattr(scaled, "log_space_nll", lambda tr, x: fallbacks.append(tr.labels.shape[0]) or log_space_nll(tr, x))
-    nll = scaled.negative_log_likelihood(trellis, lp)
+    nll = scaled.scaled_nll(trellis, lp)
     assert fallbacks and fallbacks[0] < 6  # some items, not all
     exact = log_space_nll(trellis, lp)
     torch.testing.assert_close(nll, exact, rtol=1e-12, atol=0)
@@ -143,12 +143,12 @@ def test_without_the_cpu_kernel_the_pytorch_bound_gives_the_same_results(monkeyp
     logits, targets, il, tl = random_batch(400, 6, 8, 120, seed=21)
     lp = logits.log_softmax(-1).requires_grad_(True)
     trellis = trellis_of(lp, targets, il, tl)
-    with_kernel = scaled.negative_log_likelihood(trellis, lp)
+    with_kernel = scaled.scaled_nll(trellis, lp)
     monkeypatch.setattr("ctclab.backends.numba_cpu.available", lambda: False)
     monkeypatch.setattr(scaled, "SMALL_FRAME", 0)
     forward = scaled.scaled_forward(trellis, lp)
     torch.testing.assert_close(scaled.underflow_bound(forward), scaled.reference_underflow_bound(forward))
-    without = scaled.negative_log_likelihood(trellis, lp)
+    without = scaled.scaled_nll(trellis, lp)
     torch.testing.assert_close(without, with_kernel, rtol=1e-6, atol=0)
     (grad,) = torch.autograd.grad(without.sum(), lp)
     (expected,) = torch.autograd.grad(log_space_nll(trellis, lp.double()).sum(), lp)
@@ -166,7 +166,7 @@ def test_second_derivatives_across_the_log_space_fallback():
 
     def f(z):
         scores = 200 * z
-        return scaled.negative_log_likelihood(trellis_of(scores, targets, il, tl), scores)
+        return scaled.scaled_nll(trellis_of(scores, targets, il, tl), scores)
 
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))

@@ -51,6 +51,11 @@ def _lengths_tensor(name: str, value: Lengths, device: torch.device) -> Tensor:
     return torch.tensor(items if not isinstance(value, int) else value, dtype=torch.int64, device=device)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype CTC is computed in: half-precision inputs in float32, float32 and float64 as they are."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def frame_mask(num_frames: int, input_lengths: Tensor) -> Tensor:
     """``(T, B)`` bool: frame ``t`` lies inside item ``b``'s input length."""
     return torch.arange(num_frames, device=input_lengths.device)[:, None] < input_lengths[None, :]

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._inputs import Lengths, check_scores, ctc_batch, time_major
-from .loss import compute_dtype
+from ._inputs import Lengths, check_scores, compute_dtype, ctc_batch, time_major
 from .targets import state_occupation
 from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
 

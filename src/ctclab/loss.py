@@ -20,18 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._inputs import CTCBatch, Lengths, ctc_batch
+from ._inputs import CTCBatch, Lengths, compute_dtype, ctc_batch
 from .graph import CTCGraph, Topology, check_delay_penalty, check_topology
 
 Reduction = Literal["none", "mean", "sum"]
 #: ``impl`` names (:mod:`ctclab.backends`): "auto", "fused", "autograd", "numba", "reference", "cuda-builtin", ...
 Impl = str
 REDUCTIONS = ("none", "mean", "sum")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32; float32 and float64 as they are."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def check_options(reduction: str, impl: str) -> str:
@@ -47,7 +42,7 @@ def check_graph_options(topology: str, delay_penalty: float) -> None:
     check_delay_penalty(delay_penalty)
 
 
-def negative_log_likelihood(
+def batch_nll(
     batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
 ) -> Tensor:
     """``(B,)`` CTC negative log-likelihood of a validated batch, in the compute dtype
@@ -138,7 +133,7 @@ def ctc_loss(
     """
     impl = check_options(reduction, impl)
     batch = ctc_batch(log_probs, targets, input_lengths, target_lengths, blank)
-    losses = negative_log_likelihood(batch, impl, topology, delay_penalty)
+    losses = batch_nll(batch, impl, topology, delay_penalty)
     loss = reduce_losses(losses, batch.target_lengths, reduction, zero_infinity)
     if batch.unbatched and reduction == "none":
         loss = loss.squeeze(0)

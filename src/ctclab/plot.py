@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._inputs import ctc_batch
 from .align import STAR, Alignment
+from .graph import CTCGraph
 
 
 def _pyplot():
@@ -31,7 +33,7 @@ def plot_alignment(
     targets: Sequence[int] | Tensor,
     alignment: Alignment,
     vocab: Sequence[str] | None = None,
-    blank: int = 0,
+    blank: int | None = None,
     state_posteriors: Tensor | None = None,
     out=None,
     title: str | None = None,
@@ -44,6 +46,7 @@ def plot_alignment(
         alignment: its :func:`ctclab.forced_align` result (unbatched, ``states`` ``(T,)``; an
             item of a padded batch, ``ali.item(b)``, may cover more frames than its length).
         vocab: index -> token string for the y labels (indices otherwise).
+        blank: the blank index (default: the alignment's own).
         state_posteriors: optional ``(T, S)`` occupation of the ``S = 2L + 1`` states
             (:func:`ctclab.targets.state_occupation`), drawn as a second panel.
         out: a path to write the picture to (its format from the suffix, PNG without one;
@@ -64,9 +67,11 @@ def plot_alignment(
         states = states[:T]  # an item of a padded batch, log_probs cut to its length
     elif states.shape[0] != T:
         raise ValueError(f"alignment covers {states.shape[0]} frames but log_probs have {T}")
-    extended = [blank]
-    for t in targets:
-        extended += [t, blank]
+    if blank is None:
+        blank = getattr(alignment, "blank", 0)
+    # the states of the alignment's graph (STAR entries kept: they name the wildcard's rows)
+    batch = ctc_batch(log_probs, torch.tensor(targets, dtype=torch.long), None, None, blank, check_target_values=False)
+    extended = CTCGraph.build(batch).labels[0].tolist()
     S = len(extended)
 
     def name(k: int) -> str:

@@ -29,10 +29,11 @@ import math
 import torch
 from torch import Tensor
 
+from ._compat import renamed
 from ._inputs import frame_mask
 from .semiring import PROBABILITY, backward, forward
 from .trellis import NEG, CTCTrellis, is_impossible
-from .trellis import negative_log_likelihood as log_space_nll
+from .trellis import log_space_nll
 
 #: Largest relative error from underflow (bounded by :func:`underflow_bound`) that an item may
 #: carry before it is recomputed in log space: float32's rounding level, float64's.
@@ -253,13 +254,13 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
 SMALL_FRAME = 16384
 
 
-def negative_log_likelihood(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
+def scaled_nll(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
     """``(B,)`` CTC loss by :func:`scaled_forward`, differentiable by autograd to any order,
     ``inf`` for items without any path.
 
     float32 scores run in float32 when the frames are large, items that :meth:`ScaledForward.certified`
     cannot vouch for again in float64; items float64 cannot vouch for either are recomputed in
-    log space (:func:`ctclab.trellis.negative_log_likelihood`)."""
+    log space (:func:`ctclab.trellis.log_space_nll`)."""
     B, S = trellis.labels.shape
     dtype = log_probs.dtype
     work = torch.float64 if B * S <= SMALL_FRAME else dtype
@@ -281,3 +282,6 @@ def _certified_nll(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype) -
     forward = scaled_forward(trellis, log_probs, dtype)
     ll = forward.log_likelihood
     return torch.where(is_impossible(ll), torch.inf, -ll), ~forward.certified()
+
+
+negative_log_likelihood = renamed(scaled_nll, "ctclab.scaled.negative_log_likelihood")

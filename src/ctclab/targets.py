@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._inputs import Lengths, _lengths_tensor, check_scores, ctc_batch, frame_mask
+from ._inputs import Lengths, _lengths_tensor, check_scores, compute_dtype, ctc_batch, frame_mask
 from .graph import CTCGraph, Topology
-from .loss import compute_dtype
 from .trellis import add_wildcard
 
 CTCLossFn = Callable[..., Tensor]

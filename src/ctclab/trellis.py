@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._compat import renamed
 from ._inputs import frame_mask
 from .graph import ADVANCE, NEG, SKIP, STAY, TOPOLOGIES, CTCGraph, Topology, check_delay_penalty  # noqa: F401
 from .semiring import LOG, backward, forward, log_semiring_sum, predecessors, successors  # noqa: F401
@@ -89,7 +90,7 @@ def is_impossible(log_likelihoods: Tensor) -> Tensor:
     return log_likelihoods < NEG / 2
 
 
-def negative_log_likelihood(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
+def log_space_nll(trellis: CTCGraph, log_probs: Tensor) -> Tensor:
     """``(B,)`` CTC loss of ``(T, B, C)`` log-scores by the log-space forward recursion,
     differentiable by autograd; ``inf`` for items without any path."""
     ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs)))
@@ -125,3 +126,6 @@ def add_wildcard(log_probs: Tensor, targets, penalty: float) -> tuple[Tensor, Te
     column = log_probs.detach().amax(-1, keepdim=True) - penalty
     targets = torch.as_tensor(targets)
     return torch.cat((log_probs.detach(), column), -1), torch.where(targets == STAR, C, targets)
+
+
+negative_log_likelihood = renamed(log_space_nll, "ctclab.trellis.negative_log_likelihood")

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._inputs import CTCBatch, Lengths, ctc_batch, frame_mask
-from .loss import Impl, Reduction, check_options, compute_dtype, ctc_loss, reduce_losses
+from ._inputs import CTCBatch, Lengths, compute_dtype, ctc_batch, frame_mask
+from .loss import Impl, Reduction, check_options, ctc_loss, reduce_losses
 from .targets import _frame_lengths, class_index, real_number
 from .trellis import CTCTrellis, Topology, is_impossible, log_alpha, log_likelihood
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ..graph import CTCGraph
-from ..scaled import negative_log_likelihood as scaled_nll
-from ..trellis import negative_log_likelihood as log_space_nll
+from ..scaled import scaled_nll
+from ..trellis import log_space_nll
 from . import Backend, register
 from .reference import check_recursion_memory
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._memory import check_memory
 from ..graph import CTCGraph
-from ..trellis import class_posteriors, negative_log_likelihood, state_posteriors
+from ..trellis import class_posteriors, log_space_nll, state_posteriors
 from . import Backend, register
 from .common import DOUBLE_BACKWARD_ERROR, upstream, with_nan_items
 
@@ -80,7 +80,7 @@ class _KernelState:
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
         nll = (-loglik).to(log_probs.dtype)
         if bool(self.redo.any()):
-            nll[self.redo] = negative_log_likelihood(trellis.select(self.redo), log_probs[:, self.redo])
+            nll[self.redo] = log_space_nll(trellis.select(self.redo), log_probs[:, self.redo])
         self.nll = nll
 
     def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:

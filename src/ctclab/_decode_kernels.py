@@ -51,12 +51,12 @@ import math
 import numba
 import numpy as np
 
-from ._kernels import NRT_OPTION
+from .backends.numba_kernels import NRT_OPTION
 
 _jit = numba.njit(cache=True, nogil=True)
 # helpers that allocate nothing: without NRT, the arrays they are handed cost no reference
 # counting (atomic increments and decrements per call were most of the search's time; see
-# ctclab._kernels)
+# ctclab.backends.numba_kernels)
 _helper = numba.njit(cache=True, nogil=True, _nrt=False) if NRT_OPTION else _jit
 
 #: word-trie node flags

@@ -182,9 +182,9 @@ class CTCGraph:
         """``(B, S)`` int64 each: the first frame at which a path can occupy each state (from a
         start state), and the fewest frames that must follow it (to a final state); a large
         number where there is none. Computed from the moves, whatever the topology."""
-        from . import _kernels
+        from .backends import numba_kernels
 
-        earliest, to_end = _kernels.graph_distances(
+        earliest, to_end = numba_kernels.graph_distances(
             *(x.cpu().numpy() for x in (self.start, self.final, self.advance > -torch.inf, self.skip > -torch.inf))
         )
         return torch.from_numpy(earliest).to(self.labels.device), torch.from_numpy(to_end).to(self.labels.device)
@@ -280,9 +280,9 @@ class CTCGraph:
         return pad(self.stay), pad(self.advance), pad(self.skip), flag(self.start), flag(self.final), flag(self.entry)
 
     def kernel_graph(self, num_frames: int, state_class: Tensor | None = None):
-        """:class:`ctclab._kernels.KernelGraph` of this graph for ``num_frames`` frames;
+        """:class:`ctclab.backends.numba_kernels.KernelGraph` of this graph for ``num_frames`` frames;
         ``state_class`` (default: :attr:`labels`) is what the kernels index by each state."""
-        from ._kernels import KernelGraph
+        from .backends.numba_kernels import KernelGraph
 
         numpy = lambda x: x.cpu().contiguous().numpy()  # noqa: E731
         return KernelGraph(

@@ -14,7 +14,7 @@ the true ones.
 What probability space cannot do is keep a variable much smaller than its frame's mass
 (``float32``: below about :math:`e^{-87}` of it). Such variables underflow; whether it matters
 depends on their future. :func:`underflow_bound` bounds the relative error this causes from the
-backward variables, as the CPU kernels do (:mod:`ctclab._kernels`): callers recompute items whose
+backward variables, as the CPU kernels do (:mod:`ctclab.backends.numba_kernels`): callers recompute items whose
 bound is not negligible in log space (:func:`ctclab.trellis.log_alpha`), so results are always
 those of the log-space recursion.
 
@@ -202,7 +202,7 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
     relative, with :math:`\hat\beta_t` the backward variables rescaled to sum 1 and
     :math:`z_t = \sum_s \hat v_t(s) \hat\beta_t(s)` (:math:`\hat v_t = v_t / c_t`); the bound is
     :math:`\sum_{t < T_b} \delta_t / z_t`, plus the same for the backward variables' own losses
-    (as in :mod:`ctclab._kernels`); ``inf`` where some :math:`z_t` vanished. On CPU a numba kernel
+    (as in :mod:`ctclab.backends.numba_kernels`); ``inf`` where some :math:`z_t` vanished. On CPU a numba kernel
     runs the backward variables in float64; :func:`reference_underflow_bound` is the same in
     PyTorch, on any device, in the forward's dtype.
     """
@@ -211,10 +211,10 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
     if forward.emissions.device.type == "cpu" and kernels_available():
         import numba
 
-        from . import _kernels
+        from .backends import numba_kernels
 
         trellis = forward.trellis
-        return torch.from_numpy(_kernels.scaled_underflow_bound(
+        return torch.from_numpy(numba_kernels.scaled_underflow_bound(
             numba.typed.List([x.detach().numpy() for x in forward.inflows]), forward.emissions.detach().numpy(),
             trellis.kernel_graph(0), torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
         ))

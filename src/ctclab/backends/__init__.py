@@ -16,7 +16,7 @@ same ``impl`` vocabulary (:func:`impl_names`). A new backend joins the conforman
 ``'fused'``         the fastest explicit forward-backward (first derivatives): what ``'auto'``
                     picks for the loss.
 ``'autograd'``      the readable recursion differentiated by autograd (any derivative order).
-``'numba'``         the CPU kernels (:mod:`ctclab._kernels`).
+``'numba'``         the CPU kernels (:mod:`ctclab.backends.numba_kernels`).
 ``'reference'``     the PyTorch reference recursions in log space, any device.
 ``'cuda-builtin'``  PyTorch's own CUDA kernel with its gradient corrected: an anchor for
                     benchmarks (standard topology, no delay penalty).

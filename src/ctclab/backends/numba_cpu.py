@@ -1,4 +1,4 @@
-"""The numba backend: CPU kernels (:mod:`ctclab._kernels`) for the loss's explicit
+"""The numba backend: CPU kernels (:mod:`ctclab.backends.numba_kernels`) for the loss's explicit
 forward-backward and for Viterbi, parallel over the batch.
 
 The forward pass computes the likelihood and, when a gradient will be needed, the posteriors;
@@ -27,7 +27,7 @@ def _log_space_grad(trellis: CTCGraph, log_probs: Tensor) -> Tensor:
     return class_posteriors(trellis, gamma, log_probs.shape[2])
 
 
-#: Largest relative error from underflow (bounded by :func:`ctclab._kernels.forward_backward`) that an
+#: Largest relative error from underflow (bounded by :func:`ctclab.backends.numba_kernels.forward_backward`) that an
 #: item may carry before it is recomputed in log space.
 _MAX_UNDERFLOW_ERROR = 1e-13
 
@@ -51,16 +51,16 @@ class _KernelState:
     """The CPU kernels' forward-backward of a batch.
 
     The posteriors are computed at forward time when a gradient will be needed: the exactness
-    check (:func:`ctclab._kernels.forward_backward`) needs the backward variables anyway, and an
+    check (:func:`ctclab.backends.numba_kernels.forward_backward`) needs the backward variables anyway, and an
     item's forward variables then live only in its thread's scratch buffer. Without a gradient
     only items whose forward pass lost mass to underflow run the backward check."""
 
     def __init__(self, trellis: CTCGraph, log_probs: Tensor, need_grad: bool):
-        from .. import _kernels
+        from . import numba_kernels
 
         C = log_probs.shape[2]
         self.num_classes, self.classes, self.state_class = map(
-            torch.from_numpy, _kernels.class_tables(trellis.labels.numpy(), C)
+            torch.from_numpy, numba_kernels.class_tables(trellis.labels.numpy(), C)
         )
         U = self.classes.shape[1]
         self.graph = trellis.kernel_graph(log_probs.shape[0], self.state_class)
@@ -87,7 +87,7 @@ class _KernelState:
         """The kernels' log-likelihoods, error bounds and (with ``need_grad``) posteriors."""
         import numba
 
-        from .. import _kernels
+        from . import numba_kernels
 
         trellis = self.trellis
         T, B, C = self.lp.shape
@@ -111,7 +111,7 @@ class _KernelState:
         all_threads = numba.get_num_threads()
         numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
         try:
-            loglik, error = map(torch.from_numpy, _kernels.forward_backward(
+            loglik, error = map(torch.from_numpy, numba_kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
             ))
@@ -124,14 +124,14 @@ class _KernelState:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
         becomes the gradient (scaled in place, no copy); a second backward through a retained
         graph recomputes them."""
-        from .. import _kernels
+        from . import numba_kernels
 
         occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
         scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
         if self.compact:
             grad = torch.empty_like(self.lp)
-            _kernels.scatter_posteriors(
+            numba_kernels.scatter_posteriors(
                 occupancy.numpy(), self.classes.numpy(), self.num_classes.numpy(), scale.numpy(), grad.numpy()
             )
         else:
@@ -181,8 +181,8 @@ def _threads() -> int:
 
 
 def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = None) -> tuple[Tensor, Tensor]:
-    """Best paths by :func:`ctclab._kernels.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
-    from .. import _kernels
+    """Best paths by :func:`ctclab.backends.numba_kernels.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
+    from . import numba_kernels
 
     T, B, _ = log_probs.shape
     S = graph.labels.shape[1]
@@ -193,7 +193,7 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
                  "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
     states = torch.full((B, T), -1, dtype=torch.int64)
     path_score = torch.empty(B, dtype=torch.float64)
-    _kernels.viterbi(
+    numba_kernels.viterbi(
         log_probs.detach().contiguous().numpy(), graph.labels.numpy(), graph.kernel_graph(T),
         int(checkpoint_every or max(T, 1)), float(graph.delay_penalty), states.numpy(), path_score.numpy(),
     )

@@ -24,6 +24,7 @@ Interspeech 2022, arXiv 2110.03098; k2's ``ctc_topo(modified=...)``):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -103,10 +104,6 @@ def check_delay_penalty(delay_penalty: float) -> None:
         )
 
 
-def _log_weight(allowed: Tensor) -> Tensor:
-    return torch.where(allowed, 0.0, -torch.inf).to(torch.float64)
-
-
 @dataclass(frozen=True)
 class CTCGraph:
     """The CTC state graph of a batch, as arrays (``S = 2 max(L) + 1`` states per item; states
@@ -114,8 +111,10 @@ class CTCGraph:
 
     Attributes:
         labels: ``(B, S)`` int64, the class each state emits (the blank-extended targets).
-        stay, advance, skip: ``(B, S)`` float64 log-weights of the moves *into* each state from
-            ``s``, ``s - 1`` and ``s - 2``: 0 allowed, ``-inf`` forbidden.
+        moves: ``(3, B, S)`` float64 log-weights of the moves *into* each state, from ``s - 2``
+            (:data:`SKIP`), ``s - 1`` (:data:`ADVANCE`) and ``s`` (:data:`STAY`): 0 allowed,
+            ``-inf`` forbidden, any other value a weight. :attr:`skip`, :attr:`advance` and
+            :attr:`stay` are its rows.
         start, final: ``(B, S)`` bool, where paths may begin (frame 0) and end (last frame).
         entry: ``(B, S)`` bool, the states whose entry (advance or skip, and start) is weighted
             by the delay penalty's per-frame term (:meth:`frame_term`): the label states.
@@ -127,9 +126,7 @@ class CTCGraph:
     """
 
     labels: Tensor
-    stay: Tensor
-    advance: Tensor
-    skip: Tensor
+    moves: Tensor
     start: Tensor
     final: Tensor
     entry: Tensor
@@ -153,23 +150,40 @@ class CTCGraph:
         labels[:, 1::2] = targets
         states = torch.arange(S, device=device)
         num_states = 2 * batch.target_lengths[:, None] + 1
-        label_states = (states % 2 == 1).expand(B, S) & (states < num_states)
-        stay, advance, skip = TOPOLOGIES[topology](targets, label_states.clone())
+        label_states = (states % 2 == 1) & (states < num_states)
+        stay, advance, skip = TOPOLOGIES[topology](targets, label_states)
+        moves = torch.zeros(3, B, S, dtype=torch.float64, device=device)
+        moves[SKIP].masked_fill_(~skip, -torch.inf)
+        moves[ADVANCE].masked_fill_(~advance, -torch.inf)
+        moves[STAY].masked_fill_(~stay, -torch.inf)
+        moves.masked_fill_(states >= num_states, -torch.inf)  # no way into an item's padding states
         has_labels = batch.target_lengths[:, None] > 0
         start = (states == 0) | ((states == 1) & has_labels)
         last = num_states - 1
         final = (states == last) | ((states == last - 1) & has_labels)
-        return cls(
-            labels, _log_weight(stay), _log_weight(advance), _log_weight(skip), start.expand(B, S).clone(), final,
-            label_states, batch.input_lengths, batch.target_lengths, batch.blank, topology, float(delay_penalty),
-        )
+        return cls(labels, moves, start, final, label_states, batch.input_lengths, batch.target_lengths,
+                   batch.blank, topology, float(delay_penalty))
+
+    @property
+    def skip(self) -> Tensor:
+        """``(B, S)`` log-weight of the move ``s - 2 -> s``."""
+        return self.moves[SKIP]
+
+    @property
+    def advance(self) -> Tensor:
+        """``(B, S)`` log-weight of the move ``s - 1 -> s``."""
+        return self.moves[ADVANCE]
+
+    @property
+    def stay(self) -> Tensor:
+        """``(B, S)`` log-weight of the self-loop ``s -> s``."""
+        return self.moves[STAY]
 
     def select(self, items: Tensor) -> "CTCGraph":
         """The graph of a subset of the batch (``items``: indices or a bool mask)."""
         return CTCGraph(
-            self.labels[items], self.stay[items], self.advance[items], self.skip[items], self.start[items],
-            self.final[items], self.entry[items], self.input_lengths[items], self.target_lengths[items],
-            self.blank, self.topology, self.delay_penalty,
+            self.labels[items], self.moves[:, items], self.start[items], self.final[items], self.entry[items],
+            self.input_lengths[items], self.target_lengths[items], self.blank, self.topology, self.delay_penalty,
         )
 
     @property
@@ -178,23 +192,27 @@ class CTCGraph:
         return 2 * self.target_lengths + 1
 
     # -- derived data: distances and the band ---------------------------------------------------
+    @functools.cached_property
+    def _distances(self) -> tuple:
+        from .backends import numba_kernels
+
+        return numba_kernels.graph_distances(*(x.cpu().numpy() for x in (self.start, self.final, self.moves)))
+
     def distances(self) -> tuple[Tensor, Tensor]:
         """``(B, S)`` int64 each: the first frame at which a path can occupy each state (from a
         start state), and the fewest frames that must follow it (to a final state); a large
         number where there is none. Computed from the moves, whatever the topology."""
-        from .backends import numba_kernels
-
-        earliest, to_end = numba_kernels.graph_distances(
-            *(x.cpu().numpy() for x in (self.start, self.final, self.advance > -torch.inf, self.skip > -torch.inf))
-        )
-        return torch.from_numpy(earliest).to(self.labels.device), torch.from_numpy(to_end).to(self.labels.device)
+        device = self.labels.device
+        return tuple(torch.from_numpy(x).to(device) for x in self._distances)
 
     @property
     def min_frames(self) -> Tensor:
         """``(B,)`` int64, the length of the shortest path (for standard CTC ``L + repeats``; 0
         for an empty target)."""
+        from .backends import numba_kernels
+
         earliest, _ = self.distances()
-        shortest = torch.where(self.final, earliest, earliest.max() if earliest.numel() else 0).amin(1) + 1
+        shortest = torch.where(self.final, earliest, numba_kernels.UNREACHABLE).amin(1) + 1
         return torch.where(self.target_lengths == 0, 0, shortest)
 
     @property
@@ -207,19 +225,11 @@ class CTCGraph:
         """``(B, T, 2)`` int64 ``[lo, hi)``: at frame ``t`` only states in this range can lie on
         a complete path (reachable by then, and able to reach the end in the frames left).
         Backends visit only these; derived from :meth:`distances`, for any topology."""
-        earliest, to_end = self.distances()
-        B, S = earliest.shape
-        device = earliest.device
-        # monotone envelopes: hi(t) counts the states with an earliest frame <= t from the right,
-        # lo(t) the first state whose way to the end fits in the frames left
-        suffix_min = earliest.flip(1).cummin(1).values.flip(1).contiguous()
-        prefix_min = to_end.cummin(1).values.contiguous()
-        t = torch.arange(num_frames, device=device).expand(B, num_frames).contiguous()
-        hi = torch.searchsorted(suffix_min, t, right=True)
-        left = (self.input_lengths[:, None] - 1 - t).contiguous()
-        lo = torch.searchsorted(-prefix_min, -left, right=False)
-        hi = torch.minimum(hi, self.num_states[:, None])
-        return torch.stack((lo, torch.maximum(hi, lo)), -1)
+        from .backends import numba_kernels
+
+        earliest, to_end = self._distances
+        band = numba_kernels.graph_band(earliest, to_end, self.input_lengths.cpu().numpy(), self.num_states.cpu().numpy(), num_frames)
+        return torch.from_numpy(band).to(self.labels.device)
 
     # -- what the PyTorch recursions read ------------------------------------------------------
     def emissions(self, log_probs: Tensor) -> Tensor:
@@ -254,7 +264,7 @@ class CTCGraph:
         """``(3, B, S)`` log-weights of the moves into state ``s`` at frame ``t``, from ``s - 2``
         (:data:`SKIP`), ``s - 1`` (:data:`ADVANCE`) and ``s`` (:data:`STAY`); :data:`NEG` for
         forbidden moves."""
-        weights = torch.stack((self.skip, self.advance, self.stay)).to(dtype).clamp(min=NEG)
+        weights = self.moves.to(dtype).clamp(min=NEG)
         term = self.frame_term(t, dtype)
         if term is not None:
             weights[:STAY] += term[:, None] * self.entry
@@ -269,23 +279,18 @@ class CTCGraph:
     def probability_weights(self, dtype: torch.dtype) -> Tensor:
         """``(3, B, S)`` the moves' weights in probability space (``exp`` of the log-weights:
         1 allowed, 0 forbidden), without the delay penalty's frame term."""
-        return torch.stack((self.skip, self.advance, self.stay)).exp().to(dtype)
-
-    def kernel_weights(self) -> tuple:
-        """The arrays the numba kernels read, as contiguous CPU numpy arrays: probability
-        weights of stay, advance, skip ``(B, S + 2)`` float64 (two trailing zeros: moves from
-        states past the end), start, final and entry ``(B, S)`` float64 0/1."""
-        pad = lambda x: torch.nn.functional.pad(x.exp(), (0, 2)).cpu().contiguous().numpy()  # noqa: E731
-        flag = lambda x: x.to(torch.float64).cpu().contiguous().numpy()  # noqa: E731
-        return pad(self.stay), pad(self.advance), pad(self.skip), flag(self.start), flag(self.final), flag(self.entry)
+        return self.moves.exp().to(dtype)
 
     def kernel_graph(self, num_frames: int, state_class: Tensor | None = None):
-        """:class:`ctclab.backends.numba_kernels.KernelGraph` of this graph for ``num_frames`` frames;
-        ``state_class`` (default: :attr:`labels`) is what the kernels index by each state."""
-        from .backends.numba_kernels import KernelGraph
+        """:class:`ctclab.backends.numba_kernels.KernelGraph` of this graph for ``num_frames``
+        frames (CPU numpy arrays); ``state_class`` (default: :attr:`labels`) is what the kernels
+        index by each state."""
+        from .backends import numba_kernels
 
         numpy = lambda x: x.cpu().contiguous().numpy()  # noqa: E731
-        return KernelGraph(
-            numpy(self.labels if state_class is None else state_class), *self.kernel_weights(),
-            numpy(self.band(num_frames)), numpy(self.num_states), numpy(self.input_lengths),
+        earliest, to_end = self._distances
+        return numba_kernels.kernel_graph(
+            numpy(self.labels if state_class is None else state_class), numpy(self.moves), numpy(self.start),
+            numpy(self.final), numpy(self.entry), earliest, to_end, numpy(self.input_lengths), numpy(self.num_states),
+            num_frames,
         )

@@ -107,29 +107,85 @@ UNREACHABLE = 1 << 40
 
 
 @numba.njit(cache=True, nogil=True)
-def graph_distances(start, final, advance, skip):
+def graph_distances(start, final, moves):
     """For each state, the first frame a path can occupy it and the fewest frames that must
-    follow it before the end, from the moves that exist (``advance``, ``skip``: ``(B, S)`` bool,
-    into each state) and the ``start`` and ``final`` states; :data:`UNREACHABLE` where none."""
-    B, S = start.shape
+    follow it before the end, from the moves that exist (``moves``: ``(3, B, S)`` log-weights
+    into each state, skip / advance / stay; ``-inf`` where a move does not exist) and the
+    ``start`` and ``final`` states ``(B, S)``; :data:`UNREACHABLE` where none."""
+    _, B, S = moves.shape
     earliest = np.full((B, S), UNREACHABLE, dtype=np.int64)
     to_end = np.full((B, S), UNREACHABLE, dtype=np.int64)
     for b in range(B):
         for s in range(S):
             e = 0 if start[b, s] else UNREACHABLE
-            if s >= 1 and advance[b, s]:
+            if s >= 1 and moves[1, b, s] > -np.inf:
                 e = min(e, earliest[b, s - 1] + 1)
-            if s >= 2 and skip[b, s]:
+            if s >= 2 and moves[0, b, s] > -np.inf:
                 e = min(e, earliest[b, s - 2] + 1)
             earliest[b, s] = e
         for s in range(S - 1, -1, -1):
             d = 0 if final[b, s] else UNREACHABLE
-            if s + 1 < S and advance[b, s + 1]:
+            if s + 1 < S and moves[1, b, s + 1] > -np.inf:
                 d = min(d, to_end[b, s + 1] + 1)
-            if s + 2 < S and skip[b, s + 2]:
+            if s + 2 < S and moves[0, b, s + 2] > -np.inf:
                 d = min(d, to_end[b, s + 2] + 1)
             to_end[b, s] = d
     return earliest, to_end
+
+
+@numba.njit(cache=True, nogil=True)
+def graph_band(earliest, to_end, input_lengths, num_states, num_frames):
+    """``(B, T, 2)`` ``[lo, hi)`` per frame: a superset of the states that can lie on a complete
+    path at frame t — ``hi`` past the last state reachable by t, ``lo`` the first whose way to
+    the end fits in the frames left (whatever the topology; monotone envelopes of the
+    distances, so the band only moves forward). Empty beyond an item's frames."""
+    B, S = earliest.shape
+    band = np.zeros((B, num_frames, 2), dtype=np.int64)
+    suffix_min = np.empty(S, dtype=np.int64)
+    prefix_min = np.empty(S, dtype=np.int64)
+    for b in range(B):
+        running = UNREACHABLE
+        for s in range(S - 1, -1, -1):
+            running = min(running, earliest[b, s])
+            suffix_min[s] = running
+        running = UNREACHABLE
+        for s in range(S):
+            running = min(running, to_end[b, s])
+            prefix_min[s] = running
+        hi = 0
+        lo = 0
+        for t in range(min(num_frames, input_lengths[b])):
+            while hi < S and suffix_min[hi] <= t:
+                hi += 1
+            left = input_lengths[b] - 1 - t
+            while lo < S and prefix_min[lo] > left:
+                lo += 1
+            band[b, t, 0] = lo
+            band[b, t, 1] = max(min(hi, num_states[b]), lo)
+        for t in range(min(num_frames, input_lengths[b]), num_frames):
+            band[b, t, 0] = S
+            band[b, t, 1] = S
+    return band
+
+
+@numba.njit(cache=True, nogil=True)
+def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, input_lengths, num_states, num_frames):
+    """The :class:`KernelGraph` of a graph's arrays (``moves`` ``(3, B, S)`` log-weights;
+    ``start``, ``final``, ``entry`` ``(B, S)`` bool; the distances of :func:`graph_distances`),
+    in one pass: probability weights padded with two zeros, 0/1 flags, the band."""
+    _, B, S = moves.shape
+    weights = np.zeros((3, B, S + 2))
+    flags = np.zeros((3, B, S))
+    for b in range(B):
+        for s in range(S):
+            for m in range(3):
+                weights[m, b, s] = math.exp(moves[m, b, s])
+            flags[0, b, s] = 1.0 if start[b, s] else 0.0
+            flags[1, b, s] = 1.0 if final[b, s] else 0.0
+            flags[2, b, s] = 1.0 if entry[b, s] else 0.0
+    band = graph_band(earliest, to_end, input_lengths, num_states, num_frames)
+    return KernelGraph(state_class, weights[2], weights[1], weights[0], flags[0], flags[1], flags[2], band,
+                       num_states, input_lengths)
 
 
 @_item_jit

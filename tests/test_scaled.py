@@ -16,14 +16,17 @@ def trellis_of(log_probs, targets, il, tl):
     return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0))
 
 
+@pytest.mark.parametrize("unit", [False, True])  # any weights; stay and advance all 1 (a shortcut)
 @pytest.mark.parametrize("small_frame", [0, semiring.SMALL_FRAME])  # the linear Function, plain ops
-def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice(monkeypatch, small_frame):
+def test_transition_and_its_transpose_are_adjoint_and_differentiate_twice(monkeypatch, small_frame, unit):
     monkeypatch.setattr(semiring, "SMALL_FRAME", small_frame)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
     b = torch.rand(3, 7, dtype=torch.float64, generator=g).requires_grad_(True)
     weights = torch.rand(3, 3, 7, dtype=torch.float64, generator=g)  # skip, advance, stay: any weights
     weights[:, :, :4] = (weights[:, :, :4] > 0.5).double()  # and 0/1 masks
+    if unit:
+        weights[ADVANCE:] = 1.0
     lhs = (scaled.transition(a, weights) * b).sum()
     rhs = (a * scaled.transition_transposed(b, weights)).sum()
     torch.testing.assert_close(lhs, rhs)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._compat import renamed
 from ._inputs import frame_mask
-from .semiring import PROBABILITY, backward, forward
+from .semiring import PROBABILITY, ProbabilityWeights, backward, forward
 from .trellis import NEG, CTCTrellis, is_impossible
 from .trellis import log_space_nll
 
@@ -44,13 +44,13 @@ def transition(alpha: Tensor, weights: Tensor) -> Tensor:
     """``(B, S)`` probabilities at frame t-1 -> their sum over each state's predecessors,
     weighted by the graph's ``(3, B, S)`` probability weights (:meth:`ctclab.graph.CTCGraph.probability_weights`):
     the probability semiring's transition (:mod:`ctclab.semiring`), differentiable to any order."""
-    return PROBABILITY.transition(alpha, weights)
+    return PROBABILITY.transition(alpha, ProbabilityWeights.of(weights))
 
 
 def transition_transposed(beta: Tensor, weights: Tensor) -> Tensor:
     """The transpose of :func:`transition`: ``(B, S)`` scores of going on from frame t+1 ->
     their sum over each state's successors."""
-    return PROBABILITY.transposed(beta, weights)
+    return PROBABILITY.transposed(beta, ProbabilityWeights.of(weights))
 
 
 class ScaledForward:

@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,16 +174,28 @@ class _TransitionTransposed(torch.autograd.Function):
 SMALL_FRAME = 16384
 
 
+class ProbabilityWeights(NamedTuple):
+    """The moves' ``(3, B, S)`` probability weights, and whether every stay and advance weight
+    is 1 (most topologies: the transition then needs two multiplications fewer per frame)."""
+
+    moves: Tensor
+    unit_stay_advance: bool
+
+    @classmethod
+    def of(cls, moves: Tensor) -> "ProbabilityWeights":
+        return cls(moves, bool((moves[ADVANCE:] == 1).all()))
+
+
 class ProbabilitySemiring:
     """(+, ×) over probabilities. No delay penalty (its entry weights leave the floating-point
     range in probability space): :meth:`weights` refuses one."""
 
     zero = 0.0
 
-    def weights(self, graph: CTCGraph, t: int, dtype: torch.dtype) -> Tensor:
+    def weights(self, graph: CTCGraph, t: int, dtype: torch.dtype) -> ProbabilityWeights:
         if graph.delay_penalty:
             raise ValueError("the probability semiring does not run the delay penalty; use the log semiring")
-        return graph.probability_weights(dtype)
+        return ProbabilityWeights.of(graph.probability_weights(dtype))
 
     def initial(self, graph: CTCGraph, dtype: torch.dtype) -> Tensor:
         return graph.start.to(dtype)
@@ -194,16 +206,18 @@ class ProbabilitySemiring:
     def times(self, a: Tensor, b: Tensor) -> Tensor:
         return a * b
 
-    def transition(self, alpha: Tensor, weights: Tensor) -> Tensor:
+    def transition(self, alpha: Tensor, weights: ProbabilityWeights) -> Tensor:
         """The graph's transition matrix applied to ``alpha``, differentiable to any order: a
         linear autograd Function for large frames, shifted copies for small ones."""
+        w = weights.moves
         if alpha.numel() <= SMALL_FRAME and alpha.shape[1] >= 3:
-            stay = alpha * weights[STAY]
-            return torch.addcmul(torch.addcmul(stay, F.pad(alpha, (1, -1)), weights[ADVANCE]), F.pad(alpha, (2, -2)), weights[SKIP])
-        return _Transition.apply(alpha, weights)
+            if weights.unit_stay_advance:
+                return torch.addcmul(alpha + F.pad(alpha, (1, -1)), F.pad(alpha, (2, -2)), w[SKIP])
+            return torch.addcmul(torch.addcmul(alpha * w[STAY], F.pad(alpha, (1, -1)), w[ADVANCE]), F.pad(alpha, (2, -2)), w[SKIP])
+        return _Transition.apply(alpha, w)
 
-    def transposed(self, ahead: Tensor, weights: Tensor) -> Tensor:
-        return _TransitionTransposed.apply(ahead, weights)
+    def transposed(self, ahead: Tensor, weights: ProbabilityWeights) -> Tensor:
+        return _TransitionTransposed.apply(ahead, weights.moves)
 
     def total(self, x: Tensor, dim: int = -1) -> Tensor:
         return x.sum(dim)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from oracle import brute_force_nll, collapse
 
 from ctclab import ctc_loss
+from ctclab.align import TokenSpan
 from ctclab.decode import BeamSearchDecoder, greedy_decode
 from ctclab.lm import LN10, NGramLM
 
@@ -120,7 +121,7 @@ def test_lm_changes_the_result_when_acoustics_are_ambiguous(lm):
     fused = BeamSearchDecoder(VOCAB, beam_width=16, lm=lm, alpha=1.0, beta=0.0).decode(lp)[0][0]
     assert plain.text == "ba" and fused.text == "ab"
     assert fused.lm_score == pytest.approx(-0.2 * LN10 - 0.1 * LN10)
-    assert fused.words[0].word == "ab" and fused.words[0].start == 0 and fused.words[0].end == 3
+    assert fused.words[0].text == "ab" and fused.words[0].start == 0 and fused.words[0].end == 3
 
 
 def test_hotwords_change_the_result():
@@ -136,9 +137,63 @@ def test_word_timings_and_bpe_vocabulary():
     frames = [{1: 0.9}, {1: 0.9}, {2: 0.9}, {0: 0.9}, {3: 0.9}, {0: 0.9}]
     hyp = BeamSearchDecoder(vocab).decode(emissions_for(frames, 4))[0][0]
     assert hyp.text == "abc b"
-    assert [(w.word, w.start, w.end) for w in hyp.words] == [("abc", 0, 3), ("b", 4, 5)]
+    assert [(w.text, w.start, w.end) for w in hyp.words] == [("abc", 0, 3), ("b", 4, 5)]
     char = BeamSearchDecoder(VOCAB).decode(emissions_for([{2: 0.9}, {1: 0.9}, {4: 0.9}, {4: 0.9}], 5))[0][0]
-    assert [(w.word, w.start, w.end) for w in char.words] == [("a", 0, 1), ("c", 2, 4)]
+    assert [(w.text, w.start, w.end) for w in char.words] == [("a", 0, 1), ("c", 2, 4)]
+
+
+def test_decoded_words_are_word_spans_like_alignments():
+    """One word type: the decoder's words are ctclab.WordSpan, those of word_spans for the
+    hypothesis's best alignment (text, frames, score, tokens), in seconds with a frame shift."""
+    from ctclab import WordSpan, forced_align, token_spans, word_spans
+
+    frames = [{2: 0.9}, {3: 0.8}, {0: 0.9}, {1: 0.9}, {4: 0.7}, {4: 0.9}, {0: 0.9}]
+    lp = emissions_for(frames, 5)
+    hyp = BeamSearchDecoder(VOCAB, frame_shift=0.02).decode(lp)[0][0]
+    assert hyp.text == "ab c" and all(isinstance(w, WordSpan) for w in hyp.words)
+    spans = token_spans(forced_align(lp.double(), torch.tensor(hyp.tokens)))[0]
+    assert hyp.words == tuple(word_spans(spans, separator=VOCAB.index("|"), vocab=VOCAB, frame_shift=0.02))
+    ab, c = hyp.words
+    assert (ab.text, ab.start, ab.end, c.text, c.start, c.end) == ("ab", 0, 2, "c", 4, 6)
+    assert [s.token for s in ab.tokens] == [2, 3] and ab.confidence is None
+    assert ab.score == pytest.approx((math.exp(lp[0, 2]) + math.exp(lp[1, 3])) / 2)  # mean emission probability
+    assert (c.start_time, c.end_time) == (pytest.approx(0.08), pytest.approx(0.12)) and len(c) == 2
+    plain = BeamSearchDecoder(VOCAB).decode(lp)[0][0].words[1]
+    assert plain.frame_shift is None and plain.start_time is None and plain.end_time is None
+    with pytest.raises(ValueError, match="frame_shift"):
+        BeamSearchDecoder(VOCAB, frame_shift=0.0)
+
+
+def test_word_timing_is_a_deprecated_word_span():
+    from ctclab import WordSpan, WordTiming
+
+    with pytest.warns(DeprecationWarning, match="WordSpan"):
+        old = WordTiming("ab", 0, 3)
+    assert isinstance(old, WordSpan) and (old.text, old.start, old.end, len(old)) == ("ab", 0, 3, 3)
+    assert old.score is None and old.confidence is None and old.tokens == () and old.start_time is None
+    with pytest.warns(DeprecationWarning, match="text"):
+        assert old.word == "ab"
+    with pytest.warns(DeprecationWarning):
+        assert WordTiming(word="c", start=4, end=6).text == "c"
+    hyp = BeamSearchDecoder(VOCAB).decode(emissions_for([{2: 0.9}, {0: 0.9}], 5))[0][0]
+    with pytest.warns(DeprecationWarning):
+        assert hyp.words[0].word == hyp.words[0].text == "a"  # the old attribute name on decoded words
+
+
+def test_one_word_grouping_for_texts_words_and_alignments():
+    """ctclab.align.group_words: a delimiter ends a word (and is dropped), a BPE word-start
+    token begins one; the decoder's texts and words and word_spans follow it."""
+    from ctclab.align import group_words
+
+    assert group_words([1, 2, 3, 1, 1, 4, 1], delimiter=1) == [[2, 3], [4]]
+    starts = {5, 7}.__contains__
+    assert group_words([6, 5, 6, 7, 7, 6], starts_word=starts) == [[6], [5, 6], [7], [7, 6]]
+    assert group_words([5, 6, 1, 7, 6], delimiter=1, starts_word=starts) == [[5, 6], [7, 6]]
+    assert group_words([2, 3, 4]) == [[2, 3, 4]] and group_words([1, 1], delimiter=1) == []
+    spans = [TokenSpan(k, t, t + 1, 1.0) for t, k in enumerate([2, 1, 3, 4])]
+    assert group_words(spans, 1, token=lambda s: s.token) == [spans[:1], spans[2:]]
+    decoder = BeamSearchDecoder(["<b>", "\u2581ab", "c", "\u2581b"])
+    assert decoder._words((1, 2, 3, 3, 2)) == ["abc", "b", "bc"] and decoder._text((2, 1)) == "c ab"
 
 
 def test_decoder_rejects_bad_input():
@@ -157,9 +212,9 @@ def test_decoder_rejects_bad_input():
         greedy_decode(torch.zeros(3, 2, 4), blank=4)
     nan = torch.zeros(4, 2, 5)
     nan[2, 1, 3] = math.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="nan at item 1, frame 2"):
         greedy_decode(nan)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="nan at item 1, frame 2"):
         decoder.decode(nan)
     with pytest.raises(ValueError, match="token_min_logp"):
         BeamSearchDecoder(VOCAB, token_min_logp=1.0)
@@ -204,6 +259,16 @@ def test_decode_cli_text_and_json(tmp_path, capsys, lm):
     assert doc[0]["text"] == "ab" and len(doc) == 2 and doc[0]["words"][0]["word"] == "ab"
     assert main(base + ["--lm", str(tmp_path / "missing.arpa")]) == 2
     assert "cannot read LM" in capsys.readouterr().err
+    assert main(base + ["--format", "json", "--frame-shift", "0.5"]) == 0
+    (word,) = _json.loads(capsys.readouterr().out)[0]["words"]
+    assert word == {"word": "ba", "start_frame": 0, "end_frame": 3, "start": 0.0, "end": 1.5}
+
+
+def test_cli_hotword_weight_default_is_the_library_default():
+    from ctclab.cli import build_parser
+    from ctclab.decode import DEFAULT_HOTWORD_WEIGHT
+
+    assert build_parser().parse_args(["decode", "em.pt", "--vocab", "v.txt"]).hotword_weight == DEFAULT_HOTWORD_WEIGHT
 
 
 @pytest.mark.parametrize("vocab", [VOCAB, ["<b>", "\u2581ab", "c", "\u2581b", "a"]], ids=["characters", "bpe"])
@@ -310,16 +375,16 @@ def test_nan_inside_an_item_is_named_and_nan_in_padding_is_ignored():
     bad = padded.clone()
     bad[5, 2, 1] = math.nan
     bad[6, 0, 4] = math.inf
-    for decode in (greedy_decode, decoder.decode):
-        with pytest.raises(ValueError, match=r"\+inf at item 0, frame 6"):
+    for decode in (greedy_decode, decoder.decode):  # the first frame that holds one, the first item there
+        with pytest.raises(ValueError, match="nan at item 2, frame 5 "):
             decode(bad, lengths)
-        bad[6, 0, 4] = 0.0
-        with pytest.raises(ValueError, match="NaN at item 2, frame 5"):
-            decode(bad, lengths)
-        with pytest.raises(ValueError, match="NaN at item 2, frame 5"):
+        with pytest.raises(ValueError, match="nan at item 2, frame 5 "):
             decode(bad.transpose(0, 1), lengths, batch_first=True)
-        bad[6, 0, 4] = math.inf
-    with pytest.raises(ValueError, match="NaN at item 0, frame 5"):
+        bad[5, 2, 1] = 0.0
+        with pytest.raises(ValueError, match="inf at item 0, frame 6 "):
+            decode(bad, lengths)
+        bad[5, 2, 1] = math.nan
+    with pytest.raises(ValueError, match="nan at item 0, frame 5 "):
         decoder.score(bad[:, 2], [2])
     dead = lp.clone()
     dead[8:, 1] = -math.inf  # beyond item 1's 7 frames: padding

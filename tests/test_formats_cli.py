@@ -73,6 +73,28 @@ def test_srt_and_vtt_cues(aligned):
     assert re.findall(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+)\n", vtt)[0][2] == "ab cd"
 
 
+def test_alignment_words_are_the_word_type_of_decoding(aligned):
+    """word_spans makes ctclab.WordSpan: text with a vocabulary (BPE marker dropped), seconds
+    with a frame shift; without them, None; the writers take either."""
+    from ctclab import WordSpan
+
+    lp, spans, words = aligned
+    assert all(isinstance(w, WordSpan) for w in words) and [w.text for w in words] == [None, None]
+    named = word_spans(spans, separator=1, vocab=VOCAB, frame_shift=0.02)
+    assert [w.text for w in named] == ["ab", "cd"] and [len(w.tokens) for w in named] == [2, 2]
+    assert named == [WordSpan(t, w.start, w.end, w.score, None, w.tokens, 0.02) for t, w in zip(["ab", "cd"], words)]
+    assert named[1].start_time == pytest.approx(words[1].start * 0.02) and named[1].end_time == pytest.approx(words[1].end * 0.02)
+    assert words[1].start_time is None and words[1].end_time is None
+    assert to_json(spans, named, VOCAB, 0.02) == to_json(spans, words, VOCAB, 0.02)
+    assert to_ctm(named, VOCAB, 0.02) == to_ctm(words, VOCAB, 0.02)
+    bpe = ["<b>", "|", "\u2581a", "b", "\u2581c", "d"]
+    assert [w.text for w in word_spans(spans[:2] + spans[3:], word_lengths=[2, 2], vocab=bpe)] == ["ab", "cd"]  # marker dropped
+    with pytest.raises(ValueError, match="frame_shift"):
+        word_spans(spans, separator=1, frame_shift=-0.02)
+    with pytest.raises(TypeError, match="text"):
+        WordSpan(tuple(spans[:2]), 0, 3, 0.5)  # the former field order (tokens first)
+
+
 @pytest.fixture
 def files(tmp_path):
     lp, _ = synthetic_emissions(3, [2, 3, 1, 4, 5])

@@ -1,10 +1,13 @@
-"""Validation and normalisation of CTC inputs (shared by loss, alignment and targets).
+"""Validation and normalisation of CTC inputs (shared by loss, alignment, targets and decoding).
 
 Every public entry point funnels its arguments through :func:`ctc_batch`, which checks them
-before any computation and returns one canonical, batch-padded form.
+before any computation and returns one canonical, batch-padded form. The decoders, which take
+no targets and accept an empty batch, funnel theirs through :func:`decoding_batch` and the same
+score checks (:func:`check_scores`, :func:`first_dead_frame`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -239,3 +242,54 @@ def ctc_batch(
         unbatched=unbatched,
         max_input_length=int(input_lengths.max()),
     )
+
+
+def decoding_batch(log_probs, input_lengths: Lengths | None, batch_first: bool) -> tuple[Tensor, Tensor]:
+    """``(T, B, C)`` scores and ``(B,)`` int64 CPU lengths from what the decoders take:
+    ``(T, B, C)``, ``(B, T, C)`` with ``batch_first`` (through :func:`time_major`), or one
+    ``(T, C)`` utterance; lengths None (all ``T``), a tensor, a sequence or an int
+    (:func:`_lengths_tensor`). An empty batch is legal here (it decodes to nothing), unlike in
+    :func:`ctc_batch`, whose other checks (targets, blank) a decoder has no use for.
+
+    Lengths that contradict the shape are an error that says which axis is which and which way
+    to set ``batch_first`` (the usual cause: Hugging Face's ``(B, T, C)`` logits passed
+    time-major). Without lengths, a time-major ``(1, B, C)`` input with ``B > 1`` decodes as B
+    one-frame utterances, which is legal but rarely meant: a :class:`UserWarning` says so (at
+    the caller of the function that calls this one)."""
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
+    if not isinstance(log_probs, Tensor) or not log_probs.is_floating_point() or log_probs.dim() not in (2, 3):
+        raise TypeError("log_probs must be a floating tensor of shape (T, B, C), (B, T, C) with batch_first=True, or (T, C)")
+    layout = "(T, C)" if log_probs.dim() == 2 else "(B, T, C)" if batch_first else "(T, B, C)"
+    described = f"log_probs {layout} = {tuple(log_probs.shape)}"
+    log_probs = log_probs.unsqueeze(1) if log_probs.dim() == 2 else time_major(log_probs, batch_first)
+    T, B, C = log_probs.shape
+    other = "" if layout == "(T, C)" else (
+        "; pass batch_first=True for (B, T, C) input" if not batch_first else "; drop batch_first=True for (T, B, C) input")
+    if input_lengths is None:
+        if layout == "(T, B, C)" and T == 1 and B > 1:
+            warnings.warn(f"{described} decodes as {B} utterances of one frame each; if it is one (B, T, C) = (1, {B}, {C}) "
+                          "utterance, pass batch_first=True (or give input_lengths to silence this)", UserWarning, stacklevel=3)
+        return log_probs, torch.full((B,), T, dtype=torch.int64)
+    lengths = _lengths_tensor("input_lengths", input_lengths, torch.device("cpu")).reshape(-1)
+    if len(lengths) != B:
+        raise ValueError(f"input_lengths has {len(lengths)} entries but {described} has B={B} items{other}")
+    if B and int(lengths.min()) < 0:
+        raise ValueError(f"input_lengths must be >= 0, got {int(lengths.min())}")
+    if B and int(lengths.max()) > T:
+        raise ValueError(f"input_lengths go up to {int(lengths.max())} but {described} has T={T} frames{other}")
+    return log_probs, lengths
+
+
+def first_dead_frame(log_probs: Tensor, input_lengths: Tensor) -> tuple[int, int] | None:
+    """``(item, frame)`` of the first frame inside an item's input length where every class of
+    ``(T, B, C)`` scores is ``-inf`` (no path through it has a non-zero probability), or None.
+    Beyond an item's input length is padding and does not count."""
+    if not log_probs.numel():
+        return None
+    # a row's maximum is -inf where every class is (NaN where one is NaN: not dead)
+    dead = (log_probs.amax(-1) == -torch.inf) & frame_mask(log_probs.shape[0], input_lengths.to(log_probs.device))
+    if not bool(dead.any()):
+        return None
+    t, b = (int(i) for i in dead.nonzero()[0])
+    return b, t

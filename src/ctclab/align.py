@@ -13,8 +13,11 @@ label scores strictly higher.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import itertools
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +26,7 @@ from . import backends
 from ._inputs import Lengths, check_scores, compute_dtype, ctc_batch, time_major
 from .targets import state_occupation
 from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
+from .vocab import BPE_MARKER
 
 
 class Alignment(tuple):
@@ -256,17 +260,55 @@ class TokenSpan:
 
 @dataclass(frozen=True)
 class WordSpan:
-    """A group of consecutive tokens, frames ``[start, end)``; ``score`` and ``confidence`` are the
-    frame-weighted means of its tokens'."""
+    """A word, of an alignment (:func:`word_spans`) or of a decoded hypothesis
+    (:attr:`ctclab.Hypothesis.words`): frames ``[start, end)``.
 
-    tokens: tuple[TokenSpan, ...]
+    Attributes:
+        text: the word: its tokens' strings joined, a BPE word-start marker (``'▁'``) dropped
+            (:func:`spell`); None when not known (:func:`word_spans` without a vocabulary).
+        start, end: first frame and end frame (exclusive).
+        score: frame-weighted mean of its tokens' scores (mean emission probability); None
+            when not known.
+        confidence: frame-weighted mean of its tokens' confidences (posterior occupancy),
+            None unless they were computed (:func:`alignment_posteriors`).
+        tokens: its :class:`TokenSpan` (empty when not known). Not compared: two words are
+            equal when their text, frames, scores and frame shift are.
+        frame_shift: seconds per frame, when known: :attr:`start_time` and :attr:`end_time`
+            give the frames in seconds then (None without it).
+    """
+
+    text: str | None
     start: int
     end: int
-    score: float
+    score: float | None = None
     confidence: float | None = None
+    tokens: tuple[TokenSpan, ...] = field(default=(), compare=False)
+    frame_shift: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and not isinstance(self.text, str):
+            raise TypeError(f"WordSpan's first field is the word's text (a str or None), got {type(self.text).__name__}; "
+                            "pass its token spans as tokens=...")
+        check_frame_shift(self.frame_shift)
 
     def __len__(self) -> int:
         return self.end - self.start
+
+    @property
+    def start_time(self) -> float | None:
+        """The first frame in seconds (``start * frame_shift``), None without a frame shift."""
+        return None if self.frame_shift is None else frames_to_seconds(self.start, self.frame_shift)
+
+    @property
+    def end_time(self) -> float | None:
+        """The end frame (exclusive) in seconds, None without a frame shift."""
+        return None if self.frame_shift is None else frames_to_seconds(self.end, self.frame_shift)
+
+    @property
+    def word(self) -> str | None:
+        """Deprecated: :attr:`text` (the name of :class:`ctclab.decode.WordTiming`'s field)."""
+        warnings.warn("WordSpan.word is deprecated: use WordSpan.text", DeprecationWarning, stacklevel=2)
+        return self.text
 
 
 def _spans_of_item(states: Sequence[int], labels: Sequence[int], probs: Sequence[float], post: Sequence[float] | None, blank: int) -> list[TokenSpan]:
@@ -329,40 +371,83 @@ def token_spans(
     ]
 
 
+#: the text of the :data:`STAR` token (the wildcard of :func:`forced_align`)
+STAR_TEXT = "<star>"
+_Item = TypeVar("_Item")
+
+
+def check_frame_shift(frame_shift: float | None) -> None:
+    """A ValueError unless ``frame_shift`` is None or a number of seconds > 0."""
+    if frame_shift is not None and (isinstance(frame_shift, bool) or not isinstance(frame_shift, (int, float)) or not frame_shift > 0):
+        raise ValueError(f"frame_shift must be a number of seconds > 0 (or None), got {frame_shift!r}")
+
+
+def group_words(
+    items: Iterable[_Item], delimiter: int | None = None, starts_word: Callable[[int], bool] | None = None,
+    token: Callable[[_Item], int] | None = None,
+) -> list[list[_Item]]:
+    """``items`` (token ids, or spans with ``token(span)`` their id) grouped into words, in
+    order: a ``delimiter`` token ends a word and is dropped; a token for which
+    ``starts_word(token)`` holds (a BPE word-start token, ``'▁'``) begins one; without
+    either, the whole sequence is one word. Empty words are not made (two delimiters in a
+    row, a leading one). The rule of :func:`word_spans` and of the decoder's words and texts."""
+    words: list[list[_Item]] = []
+    current: list[_Item] = []
+    for item in items:
+        k = item if token is None else token(item)
+        if k == delimiter or (current and starts_word is not None and starts_word(k)):
+            if current:
+                words.append(current)
+            current = [] if k == delimiter else [item]
+        else:
+            current.append(item)
+    if current:
+        words.append(current)
+    return words
+
+
+def spell(tokens: Iterable[int], vocab: Sequence[str]) -> str:
+    """The text of token ids: their strings in ``vocab`` joined, a BPE word-start marker
+    (``'▁'``) dropped; :data:`STAR` is ``<star>``."""
+    return "".join(STAR_TEXT if k == STAR else vocab[k] for k in tokens).replace(BPE_MARKER, "")
+
+
+def word_of(tokens: Sequence[TokenSpan], vocab: Sequence[str] | None = None, frame_shift: float | None = None) -> WordSpan:
+    """The :class:`WordSpan` of consecutive token spans (at least one): their frames, the
+    frame-weighted means of their scores and confidences (None if any lacks one), the text
+    when ``vocab`` is given."""
+    frames, score, conf = 0, 0.0, 0.0
+    for s in tokens:
+        n = s.end - s.start
+        frames += n
+        score += s.score * n
+        conf = None if conf is None or s.confidence is None else conf + s.confidence * n
+    text = None if vocab is None else spell([s.token for s in tokens], vocab)
+    return WordSpan(text, tokens[0].start, tokens[-1].end, score / frames, None if conf is None else conf / frames,
+                    tuple(tokens), frame_shift)
+
+
 def word_spans(
-    spans: Sequence[TokenSpan], word_lengths: Sequence[int] | None = None, separator: int | None = None
+    spans: Sequence[TokenSpan], word_lengths: Sequence[int] | None = None, separator: int | None = None, *,
+    vocab: Sequence[str] | None = None, frame_shift: float | None = None,
 ) -> list[WordSpan]:
-    """Group one item's token spans into words, either by ``word_lengths`` (tokens per word, as in
-    torchaudio's tutorial) or at ``separator`` tokens (e.g. the index of ``'|'`` or space; the
-    separators themselves are dropped)."""
+    """Group one item's token spans into words (:class:`WordSpan`), either by ``word_lengths``
+    (tokens per word, as in torchaudio's tutorial) or at ``separator`` tokens (e.g. the index of
+    ``'|'`` or space; the separators themselves are dropped: :func:`group_words`).
+
+    ``vocab`` (index -> token string, e.g. a :class:`ctclab.Vocabulary`): fills each word's
+    ``text``; ``frame_shift`` (seconds per frame): its ``start_time``/``end_time``."""
     if (word_lengths is None) == (separator is None):
         raise ValueError("pass exactly one of word_lengths or separator")
-    groups: list[list[TokenSpan]] = []
+    check_frame_shift(frame_shift)
     if word_lengths is not None:
         if sum(word_lengths) != len(spans) or any(n < 1 for n in word_lengths):
             raise ValueError(f"word_lengths must be positive and sum to the {len(spans)} tokens, got {list(word_lengths)}")
-        i = 0
-        for n in word_lengths:
-            groups.append(list(spans[i : i + n]))
-            i += n
+        bounds = [0, *itertools.accumulate(word_lengths)]
+        groups = [list(spans[a:b]) for a, b in zip(bounds, bounds[1:])]
     else:
-        current: list[TokenSpan] = []
-        for span in spans:
-            if span.token == separator:
-                if current:
-                    groups.append(current)
-                current = []
-            else:
-                current.append(span)
-        if current:
-            groups.append(current)
-    words = []
-    for group in groups:
-        frames = sum(len(s) for s in group)
-        score = sum(s.score * len(s) for s in group) / frames
-        conf = None if any(s.confidence is None for s in group) else sum(s.confidence * len(s) for s in group) / frames
-        words.append(WordSpan(tuple(group), group[0].start, group[-1].end, score, conf))
-    return words
+        groups = group_words(spans, separator, token=operator.attrgetter("token"))
+    return [word_of(group, vocab, frame_shift) for group in groups]
 
 
 def frames_to_seconds(frames: int | float, frame_shift: float, offset: float = 0.0) -> float:

@@ -451,7 +451,8 @@ def _align(args: argparse.Namespace) -> int:
     documents = []
     for b, spans in enumerate(token_spans(ali, blank=args.blank, posteriors=posteriors)):
         text_spans = [s for s in spans if s.token != STAR]
-        words = word_spans(text_spans, separator=delimiter) if delimiter is not None else word_spans(text_spans, word_lengths=encoded[b][1])
+        grouping = dict(separator=delimiter) if delimiter is not None else dict(word_lengths=encoded[b][1])
+        words = word_spans(text_spans, **grouping, vocab=vocab, frame_shift=args.frame_shift)
         if not words:
             raise CommandError(f"utterance {ids[b]!r} ({names[b]}) aligned to no words")
         duration = int(lengths[b]) * args.frame_shift
@@ -526,15 +527,15 @@ def _decode(args: argparse.Namespace) -> int:
     emissions, lengths = _emissions(args, vocab, "decode")
     lm = load_lm(args.lm) if args.lm else None
     decoder = BeamSearchDecoder(vocab, blank=args.blank, beam_width=args.beam, lm=lm, alpha=args.alpha, beta=args.beta,
-                                hotwords=args.hotword, hotword_weight=args.hotword_weight)
+                                hotwords=args.hotword, hotword_weight=args.hotword_weight, frame_shift=args.frame_shift)
     results = decoder.decode(emissions, lengths, nbest=args.nbest)
     if args.format == "text":
         for hyps in results:
             print("\n".join(h.text for h in hyps))
     else:
         doc = [[{"text": h.text, "tokens": list(h.tokens), "acoustic_score": h.acoustic_score, "lm_score": h.lm_score,
-                 "score": h.score, "words": [{"word": w.word, "start_frame": w.start, "end_frame": w.end,
-                                              "start": w.start * args.frame_shift, "end": w.end * args.frame_shift}
+                 "score": h.score, "words": [{"word": w.text, "start_frame": w.start, "end_frame": w.end,
+                                              "start": w.start_time, "end": w.end_time}
                                              for w in h.words]} for h in hyps] for hyps in results]
         print(formats.strict_json(doc[0] if len(doc) == 1 else doc))
     return 0
@@ -549,6 +550,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .decode import DEFAULT_HOTWORD_WEIGHT  # loaded already: ctclab imports its decoder
+
     parser = _Parser(prog="ctclab", description="CTC loss, alignment and decoding on PyTorch.",
                                      epilog="Errors: exit status 2 for usage, 1 for data (set CTCLAB_TRACEBACK=1 for tracebacks).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -606,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--beta", type=_finite(), default=1.0, help="word insertion bonus")
     d.add_argument("--beam", type=_at_least_one, default=100)
     d.add_argument("--hotword", action="append", help="a word to favour (repeatable)")
-    d.add_argument("--hotword-weight", type=_finite(), default=10.0)
+    d.add_argument("--hotword-weight", type=_finite(), default=DEFAULT_HOTWORD_WEIGHT,
+                   help=f"bonus (natural log) per word of a hotword found in the transcript (default {DEFAULT_HOTWORD_WEIGHT:g})")
     d.add_argument("--nbest", type=_at_least_one, default=1)
     d.add_argument("--format", choices=["text", "json"], default="text",
                    help="text: one line per hypothesis; json: strict JSON (a score that is not finite is null)")

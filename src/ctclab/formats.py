@@ -15,9 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Sequence
 
-from .align import STAR, TokenSpan, WordSpan
-
-STAR_TEXT = "<star>"
+from .align import STAR, STAR_TEXT, TokenSpan, WordSpan
 
 
 def token_text(token: int, vocab: Sequence[str]) -> str:
@@ -25,7 +23,10 @@ def token_text(token: int, vocab: Sequence[str]) -> str:
 
 
 def word_text(word: WordSpan, vocab: Sequence[str], marker: str = "\u2581") -> str:
-    """The word's tokens joined; a BPE word-start marker (``'▁'``) is dropped."""
+    """The word's ``text`` when it has one, else its tokens joined (a BPE word-start marker,
+    ``'▁'``, dropped)."""
+    if word.text is not None:
+        return word.text
     return "".join(token_text(t.token, vocab) for t in word.tokens).replace(marker, "")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Protocol
 
 LN10 = math.log(10.0)
+#: the word that stands for every word outside an LM's vocabulary (ARPA files' and kenlm's)
+UNK = "<unk>"
 
 State = tuple[str, ...]
 
@@ -77,7 +79,7 @@ class NGramLM:
         if gram in self.probs:
             return self.probs[gram]
         if not context:
-            return self.probs.get(("<unk>",), self.unk_logp)
+            return self.probs.get((UNK,), self.unk_logp)
         return self.backoffs.get(context, 0.0) + self._logp(context[1:], word)
 
     def score(self, state: State, word: str) -> tuple[float, State]:
@@ -111,7 +113,7 @@ def arpa_vocabulary(path: str | Path) -> set[str] | None:
                     words.add(line.split()[1])
     except (OSError, UnicodeDecodeError, IndexError):
         return None
-    return words - {"<s>", "</s>", "<unk>"}
+    return words - {"<s>", "</s>", UNK}
 
 
 class KenLM:

@@ -187,6 +187,11 @@ class CTCGraph:
         )
 
     @property
+    def padding(self) -> Tensor:
+        """``(B, S)`` bool, the states past each item's ``2 L + 1`` (no move leads into them)."""
+        return torch.arange(self.labels.shape[1], device=self.labels.device) >= self.num_states[:, None]
+
+    @property
     def num_states(self) -> Tensor:
         """``(B,)`` int64, ``2 L + 1`` states of each item."""
         return 2 * self.target_lengths + 1

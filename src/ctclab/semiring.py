@@ -180,10 +180,14 @@ class ProbabilityWeights(NamedTuple):
 
     moves: Tensor
     unit_stay_advance: bool
+    skip: Tensor  # moves[SKIP], the view made once rather than every frame
 
     @classmethod
-    def of(cls, moves: Tensor) -> "ProbabilityWeights":
-        return cls(moves, bool((moves[ADVANCE:] == 1).all()))
+    def of(cls, moves: Tensor, padding: Tensor | None = None) -> "ProbabilityWeights":
+        """``padding``: ``(B, S)`` states past an item's end. No move leads from them back into
+        the item's states, so what they hold changes nothing: they may count as unit weights."""
+        unit = moves[ADVANCE:] == 1
+        return cls(moves, bool((unit if padding is None else unit | padding).all()), moves[SKIP])
 
 
 class ProbabilitySemiring:
@@ -195,7 +199,7 @@ class ProbabilitySemiring:
     def weights(self, graph: CTCGraph, t: int, dtype: torch.dtype) -> ProbabilityWeights:
         if graph.delay_penalty:
             raise ValueError("the probability semiring does not run the delay penalty; use the log semiring")
-        return ProbabilityWeights.of(graph.probability_weights(dtype))
+        return ProbabilityWeights.of(graph.probability_weights(dtype), graph.padding)
 
     def initial(self, graph: CTCGraph, dtype: torch.dtype) -> Tensor:
         return graph.start.to(dtype)
@@ -212,8 +216,8 @@ class ProbabilitySemiring:
         w = weights.moves
         if alpha.numel() <= SMALL_FRAME and alpha.shape[1] >= 3:
             if weights.unit_stay_advance:
-                return torch.addcmul(alpha + F.pad(alpha, (1, -1)), F.pad(alpha, (2, -2)), w[SKIP])
-            return torch.addcmul(torch.addcmul(alpha * w[STAY], F.pad(alpha, (1, -1)), w[ADVANCE]), F.pad(alpha, (2, -2)), w[SKIP])
+                return torch.addcmul(alpha + F.pad(alpha, (1, -1)), F.pad(alpha, (2, -2)), weights.skip)
+            return torch.addcmul(torch.addcmul(alpha * w[STAY], F.pad(alpha, (1, -1)), w[ADVANCE]), F.pad(alpha, (2, -2)), weights.skip)
         return _Transition.apply(alpha, w)
 
     def transposed(self, ahead: Tensor, weights: ProbabilityWeights) -> Tensor:

@@ -88,6 +88,9 @@ class KernelGraph(NamedTuple):
             whose entry the delay penalty weights.
         band: ``(B, T, 2)`` int64, the states ``[lo, hi)`` to visit at each frame.
         num_states, input_lengths: ``(B,)`` int64.
+        unit_moves: every stay and advance weight of the items' states is 1 (most topologies):
+            the recursions then skip two multiplications per state and frame (a loop-invariant
+            branch, read from the arrays, not assumed).
     """
 
     state_class: np.ndarray
@@ -100,6 +103,7 @@ class KernelGraph(NamedTuple):
     band: np.ndarray
     num_states: np.ndarray
     input_lengths: np.ndarray
+    unit_moves: bool
 
 
 #: Distance of a state that no path reaches (or that reaches no end), in frames.
@@ -176,16 +180,19 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
     _, B, S = moves.shape
     weights = np.zeros((3, B, S + 2))
     flags = np.zeros((3, B, S))
+    unit = True
     for b in range(B):
         for s in range(S):
             for m in range(3):
                 weights[m, b, s] = math.exp(moves[m, b, s])
+            if s < num_states[b]:
+                unit &= weights[1, b, s] == 1.0 and weights[2, b, s] == 1.0
             flags[0, b, s] = 1.0 if start[b, s] else 0.0
             flags[1, b, s] = 1.0 if final[b, s] else 0.0
             flags[2, b, s] = 1.0 if entry[b, s] else 0.0
     band = graph_band(earliest, to_end, input_lengths, num_states, num_frames)
     return KernelGraph(state_class, weights[2], weights[1], weights[0], flags[0], flags[1], flags[2], band,
-                       num_states, input_lengths)
+                       num_states, input_lengths, unit)
 
 
 @_item_jit
@@ -241,6 +248,9 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
             if t == 0:
                 kept = 0.0
                 entering = g.start[b, s]
+            elif g.unit_moves:
+                kept = state[prev, s + 2]
+                entering = state[prev, s + 1] + g.skip[b, s] * state[prev, s]
             else:
                 kept = g.stay[b, s] * state[prev, s + 2]
                 entering = g.advance[b, s] * state[prev, s + 1] + g.skip[b, s] * state[prev, s]
@@ -331,8 +341,12 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy,
         # beta_{t-1}(s) = sum over successors s' of w(s -> s') beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
         inv = 1.0 / beta_norm
         plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
-        for s in range(plo, phi):
-            beta[s] = (g.stay[b, s] * weighted[s] + g.advance[b, s + 1] * into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
+        if g.unit_moves:
+            for s in range(plo, phi):
+                beta[s] = (weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
+        else:
+            for s in range(plo, phi):
+                beta[s] = (g.stay[b, s] * weighted[s] + g.advance[b, s + 1] * into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
     return error
 
 

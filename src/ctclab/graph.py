@@ -240,14 +240,14 @@ class CTCGraph:
     def emissions(self, log_probs: Tensor) -> Tensor:
         """``(T, B, C)`` log-scores -> ``(T, B, S)`` score of each state's class at each frame,
         clamped to :data:`NEG` from below so that ``-inf`` stays finite, :data:`NEG` outside the
-        :meth:`band` (no complete path goes there: a ``+inf`` there must change nothing), and 0
+        :meth:`band` (no complete path goes there: a NaN or ``+inf`` there must change nothing), and 0
         at frames at or beyond an item's input length (whatever padding holds there, NaN
         included, is ignored)."""
         T = log_probs.shape[0]
         index = self.labels.unsqueeze(0).expand(T, -1, -1)
         inside = frame_mask(T, self.input_lengths)[..., None]
         scores = log_probs.gather(2, index).clamp(min=NEG)
-        if T and bool((scores.detach() == torch.inf).any()):
+        if T and bool(((scores.detach() == torch.inf) | torch.isnan(scores.detach())).any()):
             band = self.band(T).transpose(0, 1)  # (T, B, 2)
             states = torch.arange(self.labels.shape[1], device=self.labels.device)
             in_band = (states >= band[..., :1]) & (states < band[..., 1:])

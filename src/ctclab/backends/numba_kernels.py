@@ -222,9 +222,12 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
             shifted[u] = log_probs[t, b, classes[b, u]]
             frame_max = max(frame_max, shifted[u])
             nan |= shifted[u] != shifted[u]
-        if nan:  # max() and the exp below would read NaN as probability 0: a finite, wrong loss
-            return np.nan, False
         lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+        if nan:  # max() and the exp below would read NaN as probability 0: a finite, wrong loss
+            for s in range(lo, hi):  # ... if a state a path can be in reads it (as in log space)
+                score = log_probs[t, b, classes[b, g.state_class[b, s]]]
+                if score != score:
+                    return np.nan, False
         if frame_max == np.inf:  # only the band's classes count (+inf off every path changes nothing)
             frame_max = -np.inf
             for s in range(lo, hi):

@@ -93,9 +93,10 @@ def brute_force_topology_nll(log_probs, target, blank=0, topology="standard") ->
     return -(m + math.log(sum(math.exp(s - m) for s in scores)))
 
 
-def brute_force_weighted_paths(log_probs, target, blank=0, topology="standard", entry_weight=None):
-    """(nll, path entropy) over the topology's state paths, each path scored by its emissions
-    plus ``entry_weight(t)`` for every entry into a label state at frame t (t = 0 included)."""
+def scored_paths(log_probs, target, blank=0, topology="standard", entry_weight=None):
+    """The topology's state paths of ``log_probs`` ``(T, C)``, their scores (emissions plus
+    ``entry_weight(t)`` for every entry into a label state at frame t, t = 0 included) and the
+    extended target (None for blank)."""
     T = log_probs.shape[0]
     seqs, ext = state_paths(T, target, topology)
     lp = log_probs.double().tolist()
@@ -103,11 +104,14 @@ def brute_force_weighted_paths(log_probs, target, blank=0, topology="standard", 
     for seq in seqs:
         score = sum(lp[t][blank if ext[s] is None else ext[s]] for t, s in enumerate(seq))
         if entry_weight is not None:
-            for t, s in enumerate(seq):
-                entered = t == 0 or seq[t - 1] != s
-                if entered and ext[s] is not None:
-                    score += entry_weight(t)
+            score += sum(entry_weight(t) for t, s in enumerate(seq) if ext[s] is not None and (t == 0 or seq[t - 1] != s))
         scores.append(score)
+    return seqs, scores, ext
+
+
+def brute_force_weighted_paths(log_probs, target, blank=0, topology="standard", entry_weight=None):
+    """(nll, path entropy) over the topology's state paths (:func:`scored_paths`)."""
+    _, scores, _ = scored_paths(log_probs, target, blank, topology, entry_weight)
     if not scores:
         return math.inf, 0.0
     m = max(scores)
@@ -124,14 +128,7 @@ def brute_force_paths(log_probs, target, blank=0, topology="standard", entry_wei
     into a label state at frame t (t = 0 included). ``nll`` is inf and the best path None when
     no path exists."""
     T = log_probs.shape[0]
-    seqs, ext = state_paths(T, target, topology)
-    lp = log_probs.double().tolist()
-    scores = []
-    for seq in seqs:
-        score = sum(lp[t][blank if ext[s] is None else ext[s]] for t, s in enumerate(seq))
-        if entry_weight is not None:
-            score += sum(entry_weight(t) for t, s in enumerate(seq) if ext[s] is not None and (t == 0 or seq[t - 1] != s))
-        scores.append(score)
+    seqs, scores, ext = scored_paths(log_probs, target, blank, topology, entry_weight)
     S = len(ext)
     post = torch.zeros(T, S, dtype=torch.float64)
     finite = [s for s in scores if s > -math.inf]

@@ -442,14 +442,17 @@ def viterbi(log_probs, labels, g, checkpoint_every, delay, states, path_scores):
         K = min(checkpoint_every, Tb)
         segments = (Tb + K - 1) // K
         groups = (Sb + 3) // 4
-        # the item's log-weights, -inf past its states: the groups of 4 may overrun them
-        weights = np.full((5, 4 * groups), -np.inf)  # skip, advance, stay, start, entry
+        # the item's log-weights, -inf past its states (the groups of 4 may overrun them); one
+        # flat array per move, as the step reads them state after state
+        skip_w, adv_w, stay_w = np.full(4 * groups, -np.inf), np.full(4 * groups, -np.inf), np.full(4 * groups, -np.inf)
+        start_w, entry_w = np.full(4 * groups, -np.inf), np.zeros(4 * groups)
         for s in range(Sb):
-            weights[0, s] = _log(g.skip[b, s])
-            weights[1, s] = _log(g.advance[b, s])
-            weights[2, s] = _log(g.stay[b, s])
-            weights[3, s] = _log(g.start[b, s])
-            weights[4, s] = g.entry[b, s]
+            skip_w[s] = _log(g.skip[b, s])
+            adv_w[s] = _log(g.advance[b, s])
+            stay_w[s] = _log(g.stay[b, s])
+            start_w[s] = _log(g.start[b, s])
+            entry_w[s] = g.entry[b, s]
+        weights = (skip_w, adv_w, stay_w, start_w, entry_w)
         checkpoints = np.empty((segments, 4 * groups + 2))  # scores before each segment
         packed = np.zeros((K, groups), dtype=np.uint8)
         delta = np.full(4 * groups + 2, -np.inf)  # two leading -inf stand for states -2, -1
@@ -457,7 +460,7 @@ def viterbi(log_probs, labels, g, checkpoint_every, delay, states, path_scores):
         for t in range(Tb):
             if t % K == 0:
                 checkpoints[t // K, :] = delta
-            _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, delay, delta, nxt, packed[t % K])
+            _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, g.unit_moves, delay, delta, nxt, packed[t % K])
             delta, nxt = nxt, delta
         best = -np.inf
         state = -1
@@ -474,7 +477,7 @@ def viterbi(log_probs, labels, g, checkpoint_every, delay, states, path_scores):
             if seg != segments - 1:  # recompute this segment's backpointers from its checkpoint
                 delta[:] = checkpoints[seg, :]
                 for t in range(start, stop):
-                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, delay, delta, nxt, packed[t - start])
+                    _viterbi_step(log_probs, labels, b, t, Tb, Sb, g.band, weights, g.unit_moves, delay, delta, nxt, packed[t - start])
                     delta, nxt = nxt, delta
             for t in range(stop - 1, start - 1, -1):
                 states[b, t] = state
@@ -488,28 +491,35 @@ def _log(weight):
 
 
 @numba.njit(inline="always")
-def _viterbi_step(log_probs, labels, b, t, Tb, Sb, band, weights, delay, delta, out, packed_row):
+def _viterbi_step(log_probs, labels, b, t, Tb, Sb, band, weights, unit, delay, delta, out, packed_row):
     """One frame of the max-plus recursion over the band's states, 4 states per byte:
     ``delta_t(s) = y_t(s) + max(w_skip(s) + delta(s-2), w_adv(s) + delta(s-1), w_stay(s) + delta(s))``
     (entering moves plus the delay's entry term), backpointer = the first maximum's move."""
     lo, hi = band[b, t, 0], band[b, t, 1]
     entry = -delay * (t - 0.5 * Tb)  # log-weight of entering an entry state at frame t
+    skip_w, adv_w, stay_w, start_w, entry_w = weights
     for g in range(lo >> 2, (hi + 3) >> 2):
         byte = 0
         for j in range(4):
             s = 4 * g + j
-            ent = weights[4, s] * entry if delay != 0.0 and s < Sb else 0.0
+            ent = entry_w[s] * entry if delay != 0.0 else 0.0
             if t == 0:
-                best = weights[3, s] + ent  # "before" the start: code 0
+                best = start_w[s] + ent  # "before" the start: code 0
                 code = 0
             else:
-                best = delta[s] + weights[0, s] + ent
+                best = delta[s] + skip_w[s]
+                adv = delta[s + 1]
+                stay = delta[s + 2]
+                if not unit:  # loop-invariant: the weights' own property, read from the arrays
+                    adv += adv_w[s]
+                    stay += stay_w[s]
+                if delay != 0.0:
+                    best += ent
+                    adv += ent
                 code = 0
-                adv = delta[s + 1] + weights[1, s] + ent
                 if adv > best:
                     best = adv
                     code = 1
-                stay = delta[s + 2] + weights[2, s]
                 if stay > best:
                     best = stay
                     code = 2

@@ -502,9 +502,8 @@ def _viterbi_step(log_probs, labels, b, t, Tb, Sb, band, weights, unit, delay, d
         byte = 0
         for j in range(4):
             s = 4 * g + j
-            ent = entry_w[s] * entry if delay != 0.0 else 0.0
-            if t == 0:
-                best = start_w[s] + ent  # "before" the start: code 0
+            if t == 0:  # "before" the start: code 0
+                best = start_w[s] + (entry_w[s] * entry if delay != 0.0 else 0.0)
                 code = 0
             else:
                 best = delta[s] + skip_w[s]
@@ -513,7 +512,8 @@ def _viterbi_step(log_probs, labels, b, t, Tb, Sb, band, weights, unit, delay, d
                 if not unit:  # loop-invariant: the weights' own property, read from the arrays
                     adv += adv_w[s]
                     stay += stay_w[s]
-                if delay != 0.0:
+                if delay != 0.0:  # the entry term only where it exists: a select here costs a load per state
+                    ent = entry_w[s] * entry
                     best += ent
                     adv += ent
                 code = 0

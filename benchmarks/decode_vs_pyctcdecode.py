@@ -78,6 +78,21 @@ def emissions(text, labels, rng, frames_per_char=(2, 4), confusion=0.3):
     return torch.tensor(logits).log_softmax(-1).float().numpy()
 
 
+def synthetic_set(utterances, sentences, labels, rng, confusion, path):
+    """``utterances`` sentences drawn from ``sentences``, their synthetic log-probs, padded into
+    one ``(B, T, C)`` batch (padding at -30) with their lengths, saved to ``path`` for the
+    pyctcdecode worker."""
+    tests = [sentences[rng.randrange(len(sentences))] for _ in range(utterances)]
+    lps = [emissions(t, labels, rng, confusion=confusion) for t in tests]
+    T = max(len(lp) for lp in lps)
+    batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
+    for i, lp in enumerate(lps):
+        batch[i, : len(lp)] = lp
+    lengths = np.array([len(lp) for lp in lps])
+    np.savez(path, log_probs=batch, lengths=lengths)
+    return tests, lps, batch, lengths
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyctcdecode-python", required=True)
@@ -105,14 +120,7 @@ def main():
         write_arpa(sentences, arpa)
         lm = NGramLM.from_arpa(arpa)
         for confusion in args.confusion:
-            tests = [sentences[rng.randrange(len(sentences))] for _ in range(args.utterances)]
-            lps = [emissions(t, labels, rng, confusion=confusion) for t in tests]
-            T = max(len(lp) for lp in lps)
-            batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
-            for i, lp in enumerate(lps):
-                batch[i, : len(lp)] = lp
-            lengths = np.array([len(lp) for lp in lps])
-            np.savez(f"{tmp}/data.npz", log_probs=batch, lengths=lengths)
+            tests, lps, batch, lengths = synthetic_set(args.utterances, sentences, labels, rng, confusion, f"{tmp}/data.npz")
             json.dump({"labels": labels, "alpha": args.alpha, "beta": args.beta, "beam_width": args.beam,
                        "processes": args.processes}, open(f"{tmp}/cfg.json", "w"))
             subprocess.run([args.pyctcdecode_python, WORKER, f"{tmp}/data.npz", arpa, f"{tmp}/cfg.json", f"{tmp}/out.json"], check=True)
@@ -187,14 +195,7 @@ def hotword_mode(args):
         write_arpa(sentences, arpa)
         lm = NGramLM.from_arpa(arpa)
         for confusion in args.confusion:
-            tests = [sentences[rng.randrange(len(sentences))] for _ in range(args.utterances)]
-            lps = [emissions(t, labels, rng, confusion=confusion) for t in tests]
-            T = max(len(lp) for lp in lps)
-            batch = np.full((len(lps), T, len(labels)), -30.0, dtype=np.float32)
-            for i, lp in enumerate(lps):
-                batch[i, : len(lp)] = lp
-            lengths = np.array([len(lp) for lp in lps])
-            np.savez(f"{tmp}/data.npz", log_probs=batch, lengths=lengths)
+            tests, lps, batch, lengths = synthetic_set(args.utterances, sentences, labels, rng, confusion, f"{tmp}/data.npz")
             json.dump({"labels": labels, "alpha": args.alpha, "beta": args.beta, "beam_width": args.beam,
                        "hotwords": lists, "hotword_weight": args.hotword_weight}, open(f"{tmp}/cfg.json", "w"))
             subprocess.run([args.pyctcdecode_python, WORKER, f"{tmp}/data.npz", arpa, f"{tmp}/cfg.json", f"{tmp}/out.json"], check=True)

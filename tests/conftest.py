@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, ctclab's Triton kernels run on CPU tensors in Triton's interpreter. The variable
+# must be set before triton is first imported (../shared/TRITON-NOTES.md), hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

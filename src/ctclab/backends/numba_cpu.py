@@ -1,5 +1,6 @@
-"""The numba backend: CPU kernels (:mod:`ctclab.backends.numba_kernels`) for the loss's explicit
-forward-backward and for Viterbi, parallel over the batch.
+"""The numba backend: CPU kernels for the loss's explicit forward-backward
+(:mod:`ctclab.backends.numba_kernels`) and for Viterbi (:mod:`ctclab.backends.numba_viterbi`),
+parallel over the batch.
 
 The forward pass computes the likelihood and, when a gradient will be needed, the posteriors;
 the backward pass returns them scaled (the true gradient, for any log-scores). Items whose
@@ -181,8 +182,8 @@ def _threads() -> int:
 
 
 def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = None) -> tuple[Tensor, Tensor]:
-    """Best paths by :func:`ctclab.backends.numba_kernels.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
-    from . import numba_kernels
+    """Best paths by :func:`ctclab.backends.numba_viterbi.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
+    from . import numba_viterbi
 
     T, B, _ = log_probs.shape
     S = graph.labels.shape[1]
@@ -193,7 +194,7 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
                  "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
     states = torch.full((B, T), -1, dtype=torch.int64)
     path_score = torch.empty(B, dtype=torch.float64)
-    numba_kernels.viterbi(
+    numba_viterbi.viterbi(
         log_probs.detach().contiguous().numpy(), graph.labels.numpy(), graph.kernel_graph(T),
         int(checkpoint_every or max(T, 1)), float(graph.delay_penalty), states.numpy(), path_score.numpy(),
     )

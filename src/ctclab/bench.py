@@ -40,6 +40,63 @@ IMPLS: dict[str, Callable] = {
 }
 
 
+@dataclass(frozen=True)
+class HardCase:
+    """An input that makes probability-space kernels lose precision (what every CTC training
+    run meets at some point): ``emissions`` names how the random logits of :func:`make_inputs`
+    are changed (:func:`make_hard_inputs`)."""
+
+    name: str
+    T: int
+    B: int
+    C: int
+    L: int
+    emissions: str
+
+
+#: The hard inputs of ``ctclab bench --hard`` (issue 16): a model in CTC's blank phase, confident
+#: models that disagree with the targets, long inputs with short targets, peaky emissions along
+#: one alignment, and classes that are ``-inf`` at every frame (a masked vocabulary).
+HARD_CASES = [
+    HardCase("blank phase (blank +12)", 750, 8, 32, 225, "blank+12"),
+    HardCase("blank phase (blank +12), T/L=15", 1500, 8, 32, 100, "blank+12"),
+    HardCase("confident, wrong (logits x10)", 750, 8, 32, 225, "x10"),
+    HardCase("confident, wrong (logits x10), T/L=15", 1500, 8, 32, 100, "x10"),
+    HardCase("confident, wrong (logits x3), T/L=15", 1500, 8, 32, 100, "x3"),
+    HardCase("long input, short target, T/L=40", 4000, 4, 32, 100, "random"),
+    HardCase("very peaky (+30 on one alignment)", 750, 8, 32, 225, "peaky"),
+    HardCase("-inf columns (half the classes)", 500, 16, 64, 100, "-inf columns"),
+]
+
+
+def make_hard_inputs(case: HardCase, seed: int = 0):
+    """The inputs of :func:`make_inputs` for ``case``'s shape, its logits changed as its
+    ``emissions`` say: ``blank+12`` (blank's logit 12 above the others), ``x10``/``x3`` (random
+    logits scaled: confident and unrelated to the targets), ``random``, ``peaky`` (+30 on the
+    classes of one evenly spread alignment of each target), ``-inf columns`` (targets drawn from
+    the lower half of the classes, the upper half ``-inf`` at every frame)."""
+    logits, targets, il, tl = make_inputs(case.T, case.B, case.C, case.L, seed=seed)
+    kind = case.emissions
+    if kind == "blank+12":
+        logits[..., 0] += 12.0
+    elif kind in ("x10", "x3"):
+        logits *= float(kind[1:])
+    elif kind == "peaky":
+        for b in range(case.B):
+            Tb, Lb = int(il[b]), int(tl[b])
+            path = torch.zeros(Tb, dtype=torch.int64)  # blank, with each label at an evenly spaced frame
+            frames = ((torch.arange(Lb) + 0.5) * Tb / max(Lb, 1)).long()
+            path[frames] = targets[b, :Lb]
+            logits[torch.arange(Tb), b, path] += 30.0
+    elif kind == "-inf columns":
+        half = case.C // 2
+        targets = (targets - 1) % (half - 1) + 1
+        logits[..., half:] = -torch.inf
+    elif kind != "random":
+        raise ValueError(f"unknown hard-input emissions {kind!r}")
+    return logits, targets, il, tl
+
+
 @dataclass
 class ImplResult:
     impl: str
@@ -65,6 +122,7 @@ class ShapeResult:
     checks: dict[str, bool] = field(default_factory=dict)
     max_loss_diff: float = 0.0
     max_grad_diff: float = 0.0
+    case: str = ""  # the hard input's name (``ctclab bench --hard``), else empty
 
 
 def make_inputs(T: int, B: int, C: int, L: int, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -139,7 +197,7 @@ def _checks(inputs, result: ShapeResult) -> None:
     result.checks["grad matches"] = grad_diff < 1e-8
     x = logits.detach().double().requires_grad_(True)
     q = alignment_targets(x.detach(), targets, il, tl)
-    ce = -(q * x.log_softmax(-1)).sum()
+    ce = -torch.where(q > 0, q * x.log_softmax(-1), 0.0).sum()  # 0 * -inf counts 0 (masked classes)
     (ce_grad,) = torch.autograd.grad(ce, x)
     _, ctc_grad = _loss_and_grad(IMPLS["fused"], (x.detach(), targets, il, tl))
     result.checks["CE grad matches"] = float((ce_grad - ctc_grad).abs().max()) < 1e-8
@@ -189,29 +247,36 @@ def run(
     memory: bool = True,
     impls: Iterable[str] = ("builtin", "autograd", "fused"),
     progress: Callable[[str], None] | None = None,
+    hard: Iterable[HardCase] = (),
 ) -> list[ShapeResult]:
-    """Benchmark each implementation on each ``(T, B, C, L)`` shape; see :class:`ShapeResult`."""
+    """Benchmark each implementation on each ``(T, B, C, L)`` shape (random logits,
+    :func:`make_inputs`), then on each of the ``hard`` cases (:data:`HARD_CASES`, no peak
+    memory); see :class:`ShapeResult`."""
     impls = list(impls)
     results = []
-    for shape in shapes:
-        inputs = make_inputs(*shape, device=device, dtype=getattr(torch, dtype))
-        result = ShapeResult(*shape, device=device, dtype=dtype, repeats=repeats)
+    cases = [(shape, "", make_inputs) for shape in shapes]
+    cases += [((c.T, c.B, c.C, c.L), c.name, lambda *_, c=c, **__: make_hard_inputs(c)) for c in hard]
+    for shape, name, inputs_of in cases:
+        inputs = tuple(x.to(device) for x in inputs_of(*shape))
+        inputs = (inputs[0].to(getattr(torch, dtype)), *inputs[1:])
+        result = ShapeResult(*shape, device=device, dtype=dtype, repeats=repeats, case=name)
+        label = f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}" + (f" ({name})" if name else "")
         fns = {name: IMPLS[name] for name in impls}
         if "builtin" in fns and dtype in ("float16", "bfloat16"):
             fns["builtin"] = lambda lp, *a, **k: F.ctc_loss(lp.float(), *a, **k)  # the built-in rejects half
         if progress:
-            progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: timing {', '.join(impls)} (round-robin)")
-        for name, medians in _time_impls(fns, inputs, device, repeats, warmup).items():
-            res = ImplResult(name, *medians)
-            if memory:
-                res.peak_mb = _peak_memory_mb(name, shape, device, dtype)
+            progress(f"{label}: timing {', '.join(impls)} (round-robin)")
+        for impl, medians in _time_impls(fns, inputs, device, repeats, warmup).items():
+            res = ImplResult(impl, *medians)
+            if memory and not name:
+                res.peak_mb = _peak_memory_mb(impl, shape, device, dtype)
             result.impls.append(res)
         base = next((r for r in result.impls if r.impl == "builtin"), None)
         if base:
             for r in result.impls:
                 r.fwd_ratio, r.bwd_ratio, r.total_ratio = base.fwd_ms / r.fwd_ms, base.bwd_ms / r.bwd_ms, base.total_ms / r.total_ms
         if progress:
-            progress(f"T={shape[0]} B={shape[1]} C={shape[2]} L={shape[3]}: checks")
+            progress(f"{label}: checks")
         _checks(inputs, result)
         results.append(result)
     return results
@@ -220,7 +285,8 @@ def run(
 def format_results(results: list[ShapeResult]) -> str:
     lines = []
     for r in results:
-        lines.append(f"T={r.T} B={r.B} C={r.C} L={r.L}  ({r.dtype}, {r.device}, median of {r.repeats})")
+        case = f"{r.case}: " if r.case else ""
+        lines.append(f"{case}T={r.T} B={r.B} C={r.C} L={r.L}  ({r.dtype}, {r.device}, median of {r.repeats})")
         lines.append(f"  {'impl':<9} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd ms':>11} {'speed-up vs built-in (fwd/bwd/total)':>38} {'peak MB':>9}")
         for i in r.impls:
             peak = "-" if i.peak_mb is None else f"{i.peak_mb:.1f}"
@@ -228,10 +294,11 @@ def format_results(results: list[ShapeResult]) -> str:
             lines.append(f"  {i.impl:<9} {i.fwd_ms:>9.2f} {i.bwd_ms:>9.2f} {i.total_ms:>11.2f} {ratios:>38} {peak:>9}")
         checks = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r.checks.items())
         lines.append(f"  checks: {checks}  (max rel loss diff {r.max_loss_diff:.1e}, max grad diff {r.max_grad_diff:.1e})")
-    fused = [i.total_ratio for r in results for i in r.impls if i.impl == "fused"]
-    if len(fused) > 1:
-        geo = float(torch.tensor(fused).log().mean().exp())
-        lines.append(f"fused fwd+bwd speed-up over the built-in: geometric mean {geo:.2f}x, min {min(fused):.2f}x")
+    for title, hard in (("", False), ("hard inputs: ", True)):
+        fused = [i.total_ratio for r in results for i in r.impls if i.impl == "fused" and bool(r.case) == hard]
+        if len(fused) > 1:
+            geo = float(torch.tensor(fused).log().mean().exp())
+            lines.append(f"{title}fused fwd+bwd speed-up over the built-in: geometric mean {geo:.2f}x, min {min(fused):.2f}x")
     return "\n".join(lines)
 
 

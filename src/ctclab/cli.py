@@ -269,11 +269,12 @@ def _bench(args: argparse.Namespace) -> int:
     shapes = list(args.shape or [])
     if args.grid:
         shapes += bench.GRID
-    shapes = shapes or [bench.SEED_SHAPE]
+    shapes = shapes or ([] if args.hard else [bench.SEED_SHAPE])
     progress = (lambda msg: print(f"... {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
     results = bench.run(
         shapes, device=args.device, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
         memory=not args.no_memory, impls=args.impl or ("builtin", "autograd", "fused"), progress=progress,
+        hard=bench.HARD_CASES if args.hard else (),
     )
     print(bench.format_results(results))
     if args.json:
@@ -558,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the built-in CTC loss against ctclab's autograd and fused paths")
     b.add_argument("--shape", type=_shape, action="append", help="T,B,C,L (repeatable); default: the seed's 128,256,32,60")
     b.add_argument("--grid", action="store_true", help="add the standard grid of six shapes")
+    b.add_argument("--hard", action="store_true", help="add the hard inputs (blank phase, confident and wrong, long inputs, "
+                   "peaky, -inf columns); alone: only those")
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     b.add_argument("--repeats", type=_at_least_one, default=10, help="timed runs per implementation (median reported)")

@@ -1,0 +1,27 @@
+"""From audio and transcript to word timestamps (the ``speech`` extra: transformers, soundfile, soxr).
+
+- :mod:`~ctclab.speech.model`: acoustic models from local folders (:func:`load_acoustic_model`,
+  :func:`save_acoustic_model`, :class:`AcousticModel`);
+- :mod:`~ctclab.speech.audio`: reading and resampling audio (:func:`read_audio`);
+- :mod:`~ctclab.speech.windows`: emissions of long recordings in windows (:func:`windowed_log_probs`);
+- :mod:`~ctclab.speech.text`: transcripts to targets and back to the transcript's words (:func:`prepare_text`);
+- :mod:`~ctclab.speech.corpus`: :func:`align_audio` (one recording) and :func:`align_corpus` (a manifest);
+- :mod:`~ctclab.speech.plot`: waveform, emissions and word segments (:func:`plot_audio_alignment`).
+
+The optional packages are imported when first used; without them the error says
+``pip install 'ctclab[speech]'``.
+"""
+from .audio import AudioError, audio_duration, read_audio, resample
+from .model import AcousticModel, load_acoustic_model, save_acoustic_model
+from .windows import windowed_log_probs
+
+__all__ = [
+    "AcousticModel",
+    "AudioError",
+    "audio_duration",
+    "load_acoustic_model",
+    "read_audio",
+    "resample",
+    "save_acoustic_model",
+    "windowed_log_probs",
+]

@@ -1,0 +1,88 @@
+"""Audio in: any format soundfile reads (WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1, ...),
+mixed down to mono and resampled (soxr, high quality) to the model's rate, in blocks: a long
+file is never held at its own rate and channel count, only as the mono result."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._extras import need
+
+#: frames read per block (about 20 s at 48 kHz)
+BLOCK = 1 << 20
+
+
+class AudioError(ValueError):
+    """A recording cannot be read: the message names the file and why."""
+
+
+def _soundfile():
+    return need("soundfile")
+
+
+def _open(path: Path):
+    sf = _soundfile()
+    if not path.exists():
+        raise AudioError(f"cannot read audio {str(path)!r}: no such file")
+    if path.is_dir():
+        raise AudioError(f"cannot read audio {str(path)!r}: it is a folder")
+    try:
+        return sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        reason = getattr(error, "error_string", None) or str(error).splitlines()[0]
+        raise AudioError(f"cannot read audio {str(path)!r}: not a sound file soundfile can read ({reason})") from None
+
+
+def audio_duration(path: str | Path) -> float:
+    """Seconds of audio in a file, from its header (nothing decoded)."""
+    with _open(Path(path)) as f:
+        return f.frames / f.samplerate
+
+
+def resample(waveform: Tensor | np.ndarray, from_rate: int, to_rate: int) -> Tensor:
+    """A mono ``(N,)`` waveform from ``from_rate`` to ``to_rate`` Hz (soxr, high quality)."""
+    x = np.ascontiguousarray(torch.as_tensor(waveform).detach().cpu().numpy(), dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"waveform must be mono (N,), got shape {x.shape}")
+    if from_rate == to_rate:
+        return torch.from_numpy(x.copy())
+    return torch.from_numpy(np.ascontiguousarray(need("soxr").resample(x, from_rate, to_rate, quality="HQ"), dtype=np.float32))
+
+
+def read_audio(source: str | os.PathLike, sample_rate: int) -> Tensor:
+    """A recording as a mono float32 ``(N,)`` tensor at ``sample_rate`` Hz: channels averaged,
+    resampled with soxr when the file's rate differs, read in blocks.
+
+    Raises:
+        AudioError (a ValueError): a missing, unreadable, damaged or empty file, naming it.
+    """
+    path = Path(source)
+    with _open(path) as f:
+        rate, total = f.samplerate, f.frames
+        if total == 0:
+            raise AudioError(f"cannot read audio {str(path)!r}: it holds no samples")
+        stream = None if rate == sample_rate else need("soxr").ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+        out = np.empty(int(total * sample_rate / rate) + 64, dtype=np.float32)
+        filled, done = 0, 0
+        try:
+            while done < total:
+                block = f.read(min(BLOCK, total - done), dtype="float32", always_2d=True)
+                if len(block) == 0:
+                    break
+                done += len(block)
+                mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+                if stream is not None:
+                    mono = stream.resample_chunk(np.ascontiguousarray(mono), last=done >= total)
+                if filled + len(mono) > len(out):
+                    out = np.resize(out, filled + len(mono))
+                out[filled : filled + len(mono)] = mono
+                filled += len(mono)
+        except (RuntimeError, OSError) as error:
+            raise AudioError(f"cannot read audio {str(path)!r}: the file is damaged ({str(error).splitlines()[0]})") from None
+    if filled == 0:
+        raise AudioError(f"cannot read audio {str(path)!r}: it holds no samples")
+    return torch.from_numpy(out[:filled].copy())

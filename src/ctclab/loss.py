@@ -46,10 +46,12 @@ def batch_nll(
     batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
 ) -> Tensor:
     """``(B,)`` CTC negative log-likelihood of a validated batch, in the compute dtype
-    (``inf`` for items without any path), by the backend ``impl`` selects (:mod:`ctclab.backends`)."""
-    log_probs = batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
+    (``inf`` for items without any path), by the backend ``impl`` selects (:mod:`ctclab.backends`);
+    half-precision scores go to it uncast if it reads them natively (``Backend.reads_half``)."""
     graph = CTCGraph.build(batch, topology, delay_penalty)
-    return backends.select("loss", impl, graph, log_probs).loss(graph, log_probs)
+    backend = backends.select("loss", impl, graph, batch.log_probs)
+    log_probs = batch.log_probs if backend.reads_half else batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
+    return backend.loss(graph, log_probs)
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:

@@ -18,8 +18,11 @@ same ``impl`` vocabulary (:func:`impl_names`). A new backend joins the conforman
 ``'autograd'``      the readable recursion differentiated by autograd (any derivative order).
 ``'numba'``         the CPU kernels (:mod:`ctclab.backends.numba_kernels`).
 ``'reference'``     the PyTorch reference recursions in log space, any device.
+``'triton'``        ctclab's Triton kernels (:mod:`ctclab.backends.triton_gpu`): ``'auto'`` on
+                    CUDA when Triton is installed; CPU tensors under ``TRITON_INTERPRET=1``.
 ``'cuda-builtin'``  PyTorch's own CUDA kernel with its gradient corrected: an anchor for
-                    benchmarks (standard topology, no delay penalty).
+                    benchmarks (standard topology, no delay penalty); ``'auto'`` on CUDA only
+                    without Triton.
 
 Deprecated, still accepted: ``'kernel'`` (= ``'numba'``) and ``'torch'`` (= ``'reference'``),
 ``forced_align``'s former names.
@@ -50,7 +53,8 @@ class Backend:
             ``loss(graph, log_probs) -> (B,)`` negative log-likelihood (``inf`` without a path),
             differentiable; ``viterbi(graph, log_probs, checkpoint_every) -> ((B, T) states,
             (B,) path scores)``; ``posteriors(graph, log_probs) -> (T, B, S)`` state occupation.
-            ``log_probs`` ``(T, B, C)`` come in the compute dtype (float32/float64).
+            ``log_probs`` ``(T, B, C)`` come in the compute dtype (float32/float64), or as
+            given (float16/bfloat16 too) to a backend that ``reads_half``.
         devices: device types where ``'auto'`` picks it (None: any). Named, it runs where it can.
         topologies: topologies it runs (None: any).
         delay_penalty: whether it runs a delay penalty.
@@ -59,6 +63,9 @@ class Backend:
         available: whether it can run here at all (its packages installed).
         runs_on: device types it can run on when named (None: any).
         priority: ``'auto'``'s order, lowest first (the fastest backends).
+        reads_half: its loss reads float16/bfloat16 ``log_probs`` natively (accumulating in
+            float32) and returns their gradient in that dtype: the loss verbs hand them over
+            uncast.
         description: one line for error messages and docs.
     """
 
@@ -75,6 +82,7 @@ class Backend:
     available: Callable[[], bool] = lambda: True
     runs_on: frozenset | None = None
     priority: int = 50
+    reads_half: bool = False
     description: str = ""
 
     def runs(self, operation: str, graph: CTCGraph, device: str | None = None) -> bool:
@@ -175,3 +183,4 @@ def _load() -> None:
         return
     _loaded = True
     from . import autograd, cuda_builtin, numba_cpu, reference  # noqa: F401  (each registers itself)
+    from . import triton_gpu  # noqa: F401  (imports Triton only when a kernel runs)

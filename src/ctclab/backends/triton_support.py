@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 #: sm_90: Hopper (H100/H200), 32 threads a warp.
 HOPPER = ("cuda", 90, 32)
@@ -86,36 +86,54 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict | None = None, 
         num_warps, num_stages: the launch options the kernel will get.
 
     Under the interpreter the kernel in this process is an interpreted function that Triton's
-    compiler cannot read; the compilation then runs in a fresh Python with the interpreter off.
+    compiler cannot read; the compilation then runs in a fresh Python with the interpreter off
+    (:func:`compile_many` compiles several in one).
 
     Raises:
         RuntimeError: the kernel does not compile (the message carries the compiler's).
     """
-    constexprs = dict(constexprs or {})
-    fn = getattr(kernel, "fn", kernel)
-    request = {"module": fn.__module__, "name": fn.__name__, "signature": signature, "constexprs": constexprs,
-               "num_warps": num_warps, "num_stages": num_stages}
+    return compile_many([Compilation(kernel, signature, constexprs or {}, num_warps, num_stages)])[0]
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """One kernel to compile: the arguments of :func:`compile_for_hopper`."""
+
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def compile_many(jobs: list[Compilation]) -> list[KernelResources]:
+    """:func:`compile_for_hopper` of each job, in one subprocess under the interpreter (each
+    start of Python with torch and Triton costs seconds)."""
+    requests = []
+    for job in jobs:
+        fn = getattr(job.kernel, "fn", job.kernel)
+        requests.append({"module": fn.__module__, "name": fn.__name__, "signature": job.signature,
+                         "constexprs": dict(job.constexprs), "num_warps": job.num_warps, "num_stages": job.num_stages})
     if not interpreting():
-        return _compile(kernel, **{k: request[k] for k in ("signature", "constexprs", "num_warps", "num_stages")})
+        return [_compile_request(request) for request in requests]
     env = dict(os.environ, TRITON_INTERPRET="0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     code = "import json, sys; from ctclab.backends.triton_support import _compile_request; " \
-           "print(json.dumps(_compile_request(json.load(sys.stdin))))"
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), env=env,
+           "print(json.dumps([_compile_request(r).__dict__ for r in json.load(sys.stdin)]))"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(requests), env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{fn.__name__} does not compile for sm_90:\n{done.stderr[-4000:]}")
-    return KernelResources(**json.loads(done.stdout.strip().splitlines()[-1]))
+        names = ", ".join(r["name"] for r in requests)
+        raise RuntimeError(f"{names}: a kernel does not compile for sm_90:\n{done.stderr[-4000:]}")
+    return [KernelResources(**fields) for fields in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
-def _compile_request(request: dict) -> dict:
-    """:func:`compile_for_hopper` in a process without the interpreter (its subprocess)."""
+def _compile_request(request: dict) -> KernelResources:
+    """One compilation of :func:`compile_many`, in a process without the interpreter."""
     import importlib
 
     kernel = getattr(importlib.import_module(request["module"]), request["name"])
-    resources = _compile(kernel, request["signature"], request["constexprs"], request["num_warps"],
-                         request["num_stages"])
-    return asdict(resources)
+    return _compile(kernel, request["signature"], request["constexprs"], request["num_warps"], request["num_stages"])
 
 
 def _compile(kernel, signature, constexprs, num_warps, num_stages) -> KernelResources:

@@ -173,13 +173,22 @@ def posteriors(graph: CTCGraph, log_probs: Tensor) -> Tensor:
     return _backward(arrays, log_probs, alpha, nll, None)
 
 
+def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = None) -> tuple[Tensor, Tensor]:
+    """Best paths by :func:`ctclab.backends.triton_viterbi.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
+    _check_device(log_probs)
+    from . import triton_viterbi
+
+    return triton_viterbi.viterbi(graph, log_probs, checkpoint_every)
+
+
 def _compiled_here(graph: CTCGraph, log_probs: Tensor) -> bool:
     """'auto' takes the compiled kernels only (not the interpreter, on a CUDA tensor)."""
     return log_probs.device.type == "cuda" and not triton_support.interpreting()
 
 
 BACKEND = register(Backend(
-    "triton", frozenset({"loss", "posteriors"}), devices=frozenset({"cuda"}), loss=loss, posteriors=posteriors,
+    "triton", frozenset({"loss", "viterbi", "posteriors"}), devices=frozenset({"cuda"}), loss=loss, viterbi=viterbi,
+    posteriors=posteriors,
     accepts=_compiled_here, available=triton_support.available, reads_half=True, priority=5,
     description="ctclab's Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)",
 ))

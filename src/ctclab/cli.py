@@ -18,10 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
+from .formats import EXTENSIONS  # ctclab (hence torch) is imported with the command anyway
+
 EMISSION_KEYS = ("logits", "log_probs", "emissions")
 LENGTH_KEYS = ("input_lengths", "lengths")
 PER_FILE_FORMATS = ("textgrid", "srt", "vtt")
-EXTENSIONS = {"json": "json", "ctm": "ctm", "textgrid": "TextGrid", "srt": "srt", "vtt": "vtt"}
 
 
 class CommandError(Exception):
@@ -398,6 +399,24 @@ def _align(args: argparse.Namespace) -> int:
     from . import formats
     from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
 
+    if args.model is not None:
+        return _align_audio(args)
+    for flag in ("manifest", "device", "shard", "plot_dir"):
+        if getattr(args, flag) is not None:
+            raise _usage(f"--{flag.replace('_', '-')} needs --model DIR (an acoustic model)")
+    if args.resume or args.romanize:
+        raise _usage(f"--{'resume' if args.resume else 'romanize'} needs --model DIR (an acoustic model)")
+    if args.emissions is None:
+        raise _usage("give EMISSIONS (a .pt, .npy or .npz file) with --vocab, or --model DIR with audio")
+    if args.vocab is None:
+        raise _usage("EMISSIONS need --vocab (the tokens of their classes)")
+    if args.text is None and args.text_file is None:
+        raise _usage("give the transcript: --text or --text-file")
+    if len(args.format) != 1:
+        raise _usage(f"--format takes one format for EMISSIONS, got {','.join(args.format)}")
+    args.format = args.format[0]
+    args.blank = 0 if args.blank is None else args.blank
+    args.utterance = "utt" if args.utterance is None else args.utterance
     # what can be told from the arguments alone, before anything is read or computed
     if args.out is not None and args.out_dir is not None:
         raise _usage("give --out or --out-dir, not both")
@@ -515,6 +534,135 @@ def _check_plot_format(path: str) -> None:
         raise _usage(f"--plot {path!r}: matplotlib writes {', '.join(sorted(supported))}, not {_plot_format(path)!r}")
 
 
+# -- align from audio ---------------------------------------------------------------------------
+def _format_list(text: str) -> list[str]:
+    """``--format``: one format, or (with --manifest) several separated by commas."""
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in names if f not in EXTENSIONS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"must be json, ctm, textgrid, srt or vtt (several separated by commas), got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard I/N``: shard I (counting from 0) of N."""
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not found or not 0 <= int(found.group(1)) < int(found.group(2)):
+        raise argparse.ArgumentTypeError(f"must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _audio_usage(args: argparse.Namespace) -> None:
+    """The usage errors of ``align --model``, before anything is loaded."""
+    for flag, given in (("--lengths", args.lengths), ("--batch-first", args.batch_first), ("--log-softmax", args.log_softmax),
+                        ("--confidence", args.confidence), ("--case", args.case != "keep")):
+        if given:
+            raise _usage(f"{flag} is for EMISSIONS files, not --model (confidences are always computed; case follows the model)")
+    if args.manifest is not None:
+        if args.emissions is not None:
+            raise _usage(f"give an audio file or --manifest, not both (got {args.emissions!r})")
+        if args.text is not None or args.text_file is not None:
+            raise _usage("--manifest items carry their own text: drop --text/--text-file")
+        if args.out_dir is None:
+            raise _usage("--manifest needs --out-dir DIR (one file per item and format)")
+        for flag, given in (("--out", args.out), ("--plot", args.plot), ("--utterance", args.utterance)):
+            if given is not None:
+                raise _usage(f"{flag} is for one audio file; with --manifest use --out-dir" + (" and --plot-dir" if flag == "--plot" else ""))
+    else:
+        if args.emissions is None:
+            raise _usage("--model needs an audio file (or --manifest M.jsonl)")
+        if args.text is None and args.text_file is None:
+            raise _usage("give the transcript of the audio: --text or --text-file")
+        for flag, given in (("--resume", args.resume), ("--shard", args.shard), ("--plot-dir", args.plot_dir)):
+            if given:
+                raise _usage(f"{flag} is for --manifest corpora")
+        if args.out is not None and args.out_dir is not None:
+            raise _usage("give --out or --out-dir, not both")
+        if len(args.format) > 1 and args.out_dir is None:
+            raise _usage(f"several formats ({','.join(args.format)}) need --out-dir DIR")
+        if args.utterance is not None and (not args.utterance or re.search(r"[\s/\\]", args.utterance)):
+            raise _usage(f"--utterance must be one word without spaces or slashes, got {args.utterance!r}")
+    if os.path.exists(args.model) and not os.path.isdir(args.model):
+        raise _usage(f"--model {args.model!r} is a file: give the model's folder")
+    if not os.path.exists(args.model):
+        raise _usage(f"cannot read --model {args.model!r}: no such folder (ctclab does not download models; "
+                     "see the README, 'From audio to word timestamps')")
+    _require_file("AUDIO", args.emissions, "audio file")
+    _require_file("--manifest", args.manifest, "manifest")
+    _require_file("--text-file", args.text_file)
+    _check_output("--out", args.out)
+    _check_output("--out-dir", args.out_dir, folder=True)
+    _check_output("--plot", args.plot)
+    _check_output("--plot-dir", args.plot_dir, folder=True)
+    if args.plot or args.plot_dir:
+        _check_plot_format(args.plot or "x.png")
+
+
+def _align_audio(args: argparse.Namespace) -> int:
+    _audio_usage(args)
+    try:
+        from . import speech
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    try:
+        shard = args.shard or speech.shard_from_environment()
+    except ValueError as error:
+        raise _usage(str(error)) from None
+    device = args.device
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    try:
+        model = speech.load_acoustic_model(args.model, device=device, vocabulary=args.vocab, blank=args.blank)
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    options = dict(window=args.window, context=args.context, batch_seconds=args.batch_seconds, star=args.star,
+                   romanize=args.romanize)
+    if args.manifest is not None:
+        items = speech.read_manifest(args.manifest)
+        progress = args.progress if args.progress is not None else sys.stderr.isatty()
+        try:
+            summary = speech.align_corpus(model, items, args.out_dir, formats=args.format, resume=args.resume, shard=shard,
+                                          plot_dir=args.plot_dir, progress=progress, **options)
+        except OSError as error:
+            raise CommandError(f"cannot write --out-dir {args.out_dir!r}: {error.strerror or _one_line(error)}") from None
+        if summary.failed:
+            first = next(iter(summary.failed.items()))
+            failures = Path(args.out_dir) / speech.corpus.FAILURES
+            raise CommandError(f"{len(summary.failed)} of {len(summary.failed) + len(summary.aligned)} items could not be "
+                               f"aligned (listed in {str(failures)!r}; the first, {first[0]!r}: {first[1]})")
+        return 0
+    text = args.text
+    if text is None:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandError(f"cannot read --text-file {args.text_file!r}: {getattr(error, 'strerror', None) or _one_line(error)}") from None
+    try:
+        result = speech.align_audio(model, args.emissions, text, id=args.utterance, keep_log_probs=bool(args.plot), **options)
+    except speech.AlignmentError as error:
+        raise CommandError(f"cannot align {args.emissions!r} to its transcript: {_one_line(error)}") from None
+    if args.plot:  # drawn before anything is written: a failure here leaves no outputs half done
+        figure = speech.plot_audio_alignment(speech.read_audio(args.emissions, model.sample_rate), model.sample_rate, result)
+    if args.out_dir is not None:
+        for f in args.format:
+            _write_text("--out-dir", Path(args.out_dir) / f"{result.id}.{EXTENSIONS[f]}", result.render(f))
+    elif args.out is not None:
+        _write_text("--out", args.out, result.render(args.format[0]))
+    else:
+        sys.stdout.write(result.render(args.format[0]))
+    if args.plot:
+        import matplotlib.pyplot as plt
+
+        try:
+            _write_output("--plot", args.plot, lambda f: figure.savefig(f, format=_plot_format(args.plot), dpi=100))
+        finally:
+            plt.close(figure)
+    return 0
+
+
 # -- decode -------------------------------------------------------------------------------------
 def _decode(args: argparse.Namespace) -> int:
     from . import formats
@@ -571,42 +719,72 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=_bench)
 
-    emission_args = _Parser(add_help=False)  # what align and decode both read
-    emission_args.add_argument(
-        "emissions", metavar="EMISSIONS",
-        help="(T, C) or (T, B, C) (with --batch-first (B, T, C)) as .pt (a tensor, or a dict with 'logits', 'log_probs' "
-             "or 'emissions', and optionally 'input_lengths'), .npy or .npz (the same keys); 'logits' are normalised "
-             "(log-softmax), other emissions must be log-probs unless --log-softmax is given")
-    emission_args.add_argument("--vocab", required=True, help="one token per line (line k = class k), or a JSON {token: index}")
-    emission_args.add_argument("--blank", type=int, default=0, help="class index of blank (default 0)")
-    emission_args.add_argument("--frame-shift", type=_finite(positive=True), default=0.02,
-                               help="seconds per frame (default 0.02)")
-    emission_args.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
-    emission_args.add_argument("--batch-first", action="store_true",
-                               help="EMISSIONS are batch-major (B, T, C), as Hugging Face models return them")
-    emission_args.add_argument("--lengths", metavar="N,N,...|FILE",
-                               help="frames of each utterance of padded EMISSIONS (comma-separated, or a .pt/.npy/text file); "
-                                    "default: an 'input_lengths' entry of EMISSIONS, else all frames")
+    def emission_arguments(align: bool) -> argparse.ArgumentParser:
+        """What align and decode both read (align: EMISSIONS and --vocab optional, --model replaces them)."""
+        p = _Parser(add_help=False)
+        p.add_argument(
+            "emissions", metavar="EMISSIONS" if not align else "INPUT", nargs="?" if align else None,
+            help=("with --model: the audio file (any format soundfile reads); without: " if align else "")
+            + "(T, C) or (T, B, C) (with --batch-first (B, T, C)) as .pt (a tensor, or a dict with 'logits', 'log_probs' "
+              "or 'emissions', and optionally 'input_lengths'), .npy or .npz (the same keys); 'logits' are normalised "
+              "(log-softmax), other emissions must be log-probs unless --log-softmax is given")
+        p.add_argument("--vocab", required=not align, help="one token per line (line k = class k), or a JSON {token: index}"
+                       + (" (with EMISSIONS)" if align else ""))
+        p.add_argument("--blank", type=int, default=None if align else 0,
+                       help="class index of blank (default 0" + ("; with --model: the model's)" if align else ")"))
+        p.add_argument("--frame-shift", type=_finite(positive=True), default=0.02,
+                       help="seconds per frame (default 0.02)")
+        p.add_argument("--log-softmax", action="store_true", help="EMISSIONS are logits: normalise them first")
+        p.add_argument("--batch-first", action="store_true",
+                       help="EMISSIONS are batch-major (B, T, C), as Hugging Face models return them")
+        p.add_argument("--lengths", metavar="N,N,...|FILE",
+                       help="frames of each utterance of padded EMISSIONS (comma-separated, or a .pt/.npy/text file); "
+                            "default: an 'input_lengths' entry of EMISSIONS, else all frames")
+        return p
 
-    a = sub.add_parser("align", parents=[emission_args], help="forced alignment of a transcript to emissions, with word timings")
-    text = a.add_mutually_exclusive_group(required=True)
+    a = sub.add_parser("align", parents=[emission_arguments(True)],
+                       help="forced alignment of a transcript to emissions, or (--model) to audio, with word timings",
+                       usage="%(prog)s EMISSIONS --vocab V (--text T | --text-file F) [...]\n"
+                             "       %(prog)s --model DIR AUDIO --text T [--format F] [--out F] [--plot F.png]\n"
+                             "       %(prog)s --model DIR --manifest M.jsonl --out-dir DIR [--format json,textgrid,...] [--resume] "
+                             "[--shard I/N] [...]")
+    text = a.add_mutually_exclusive_group()
     text.add_argument("--text", help="the transcript")
     text.add_argument("--text-file", help="transcripts, one line per utterance of EMISSIONS")
-    a.add_argument("--format", choices=["json", "ctm", "textgrid", "srt", "vtt"], default="json",
+    a.add_argument("--format", type=_format_list, default=["json"],
                    help="json (a list for several utterances), ctm (lines of all utterances), or one utterance per file: "
-                        "textgrid, srt, vtt (several utterances need --out-dir)")
+                        "textgrid, srt, vtt (several utterances need --out-dir); with --manifest a comma-separated list")
     a.add_argument("--out", metavar="FILE", help="write there instead of standard output (missing folders are made)")
     a.add_argument("--out-dir", metavar="DIR", help="write one file per utterance there: DIR/<utterance>.<format>")
-    a.add_argument("--plot", metavar="PNG", help="draw the alignment picture (first utterance)")
+    a.add_argument("--plot", metavar="PNG", help="draw the alignment picture (first utterance; with --model: waveform, "
+                                                 "emissions and words)")
     a.add_argument("--star", type=_finite(), metavar="PENALTY",
                    help="wildcard at start and end: audio the text lacks is absorbed there")
     a.add_argument("--case", choices=["keep", "upper", "lower"], default="keep", help="change the text's case before lookup")
     a.add_argument("--confidence", action="store_true", help="add posterior-based confidences (forward-backward)")
-    a.add_argument("--utterance", default="utt", help="utterance id for CTM/JSON and --out-dir file names; "
-                                                       "several utterances are ID-1, ID-2, ...")
+    a.add_argument("--utterance", default=None, help="utterance id for CTM/JSON and --out-dir file names (default utt; "
+                                                      "with --model the audio file's stem); several utterances are ID-1, ID-2, ...")
+    speech = a.add_argument_group("from audio (--model; needs pip install 'ctclab[speech]')")
+    speech.add_argument("--model", metavar="DIR", help="a local acoustic model folder: Hugging Face (config.json) or ctclab "
+                                                       "(ctclab_acoustic_model.json); never downloaded")
+    speech.add_argument("--manifest", metavar="JSONL", help="a corpus: JSON lines with audio (or audio_filepath), text and "
+                                                            "an optional id; needs --out-dir")
+    speech.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available; under torchrun "
+                                                       "cuda:LOCAL_RANK)")
+    speech.add_argument("--resume", action="store_true", help="skip items whose outputs exist (nothing is rewritten)")
+    speech.add_argument("--batch-seconds", type=_finite(positive=True), default=120.0,
+                        help="audio seconds per forward pass, windows of several files together (default 120)")
+    speech.add_argument("--window", type=_finite(positive=True), default=30.0, help="seconds per window of long audio (default 30)")
+    speech.add_argument("--context", type=_finite(), default=3.0, help="seconds of context either side of a window (default 3)")
+    speech.add_argument("--shard", type=_shard, metavar="I/N", help="take shard I of N (from 0) of the manifest "
+                                                                     "(default: RANK/WORLD_SIZE when set)")
+    speech.add_argument("--plot-dir", metavar="DIR", help="with --manifest: a picture per item, DIR/<id>.png")
+    speech.add_argument("--romanize", action="store_true", help="romanise words of scripts the model lacks (needs uroman)")
+    speech.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on standard error (default: when it is a terminal)")
     a.set_defaults(func=_align)
 
-    d = sub.add_parser("decode", parents=[emission_args], help="prefix beam search decoding with an optional word n-gram LM")
+    d = sub.add_parser("decode", parents=[emission_arguments(False)], help="prefix beam search decoding with an optional word n-gram LM")
     d.add_argument("--lm", help="ARPA word n-gram LM (kenlm is used when installed, else ctclab's reader)")
     d.add_argument("--alpha", type=_finite(), default=0.5, help="LM weight")
     d.add_argument("--beta", type=_finite(), default=1.0, help="word insertion bonus")

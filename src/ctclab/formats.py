@@ -17,6 +17,9 @@ from typing import IO, Callable, Sequence
 
 from .align import STAR, STAR_TEXT, TokenSpan, WordSpan
 
+#: the file extension of each format
+EXTENSIONS = {"json": "json", "ctm": "ctm", "textgrid": "TextGrid", "srt": "srt", "vtt": "vtt"}
+
 
 def token_text(token: int, vocab: Sequence[str]) -> str:
     return STAR_TEXT if token == STAR else vocab[token]

@@ -12,16 +12,41 @@ The optional packages are imported when first used; without them the error says
 ``pip install 'ctclab[speech]'``.
 """
 from .audio import AudioError, audio_duration, read_audio, resample
+from .corpus import (AlignmentError, AudioAlignment, CorpusItem, CorpusSummary, ManifestError, align_audio, align_corpus,
+                     read_manifest, shard_from_environment, shard_of)
 from .model import AcousticModel, load_acoustic_model, save_acoustic_model
+from .text import PreparedText, TranscriptWord, prepare_text
 from .windows import windowed_log_probs
 
 __all__ = [
     "AcousticModel",
+    "AlignmentError",
+    "AudioAlignment",
     "AudioError",
+    "CorpusItem",
+    "CorpusSummary",
+    "ManifestError",
+    "PreparedText",
+    "TranscriptWord",
+    "align_audio",
+    "align_corpus",
     "audio_duration",
     "load_acoustic_model",
+    "plot_audio_alignment",
+    "prepare_text",
     "read_audio",
+    "read_manifest",
     "resample",
     "save_acoustic_model",
+    "shard_from_environment",
+    "shard_of",
     "windowed_log_probs",
 ]
+
+
+def __getattr__(name: str):
+    if name == "plot_audio_alignment":  # matplotlib only when a picture is drawn
+        from .plot import plot_audio_alignment
+
+        return plot_audio_alignment
+    raise AttributeError(f"module 'ctclab.speech' has no attribute {name!r}")

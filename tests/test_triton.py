@@ -6,6 +6,7 @@ determinism, tiles smaller than the target, and the backend's registration.
 
 Shapes are small: the interpreter costs milliseconds per program and frame."""
 import math
+import sys
 
 import pytest
 import torch
@@ -230,3 +231,23 @@ def test_cpu_tensors_without_the_interpreter_say_how_to_run(monkeypatch):
     logits, targets, il, tl = _hard_batch()
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ctclab.ctc_loss(logits.log_softmax(-1), targets, il, tl, impl="triton")
+
+
+def test_the_gpu_check_runs_its_code_on_cpu_tensors(capsys, monkeypatch):
+    """benchmarks/gpu_check.py runs on a GPU machine; here its every step runs on tiny shapes
+    under the interpreter, so that what it executes there is at least known to run."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    if DEVICE == "cuda":
+        pytest.skip("a GPU is here: run the script itself")
+    assert gpu_check.main(["--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    for section in ("parity", "determinism", "loss grid", "loss hard inputs", "loss autograd", "forced_align"):
+        assert f"\n{section} " in table, section
+    assert "FAIL" not in table and "builtin-cudnn" in table

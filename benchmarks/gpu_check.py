@@ -52,7 +52,7 @@ def sizes(device: str) -> Sizes:
     # the interpreter costs milliseconds per program and frame: one of each kind, the Triton backend's
     # parity only (the other backends' is the conformance suite's)
     return Sizes((6, 3, 5, 2), [(8, 2, 5, 2)], [tiny], (6, 2, 5, 2), 1, 0, (2, 8, 2, 5), (12, 4, 5, 4),
-                 backends=("triton",), topologies=("standard", "minimal"))
+                 backends=("triton",), topologies=("minimal",))
 
 
 @dataclass

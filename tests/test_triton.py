@@ -164,27 +164,24 @@ def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient():
 
 
 def test_targets_longer_than_a_tile_run_in_several_tiles(monkeypatch):
-    """A few hundred states on 64-state tiles: the shifted reads cross tiles, the class sums
-    cross tiles (a class's states sorted into several), the band skips tiles."""
+    """201 states on 64-state tiles (next to a one-tile item): the shifted reads cross tiles,
+    the class sums cross tiles (a class's states sorted into several), the band skips tiles."""
     from ctclab.backends import triton_gpu
 
     monkeypatch.setattr(triton_gpu, "MAX_BLOCK", 64)
     g = torch.Generator().manual_seed(8)
-    T, C, L = 112, 6, 100
+    T, C, L = 108, 6, 100
     lp = torch.randn(T, 2, C, generator=g, dtype=torch.float64).log_softmax(-1)
     steps = torch.randint(1, C - 1, (2, L), generator=g)
     targets = steps.cumsum(1) % (C - 1) + 1  # no label equals the one before
     targets[0, 10:14] = 3  # but these repeat
-    il, tl = torch.tensor([T, 106]), torch.tensor([L, 90])
-    assert triton_gpu._block(2 * L + 1) == (64, 1)
+    il, tl = torch.tensor([T, 40]), torch.tensor([L, 30])
+    assert triton_gpu._block(2 * L + 1) == (64, 2)
     got = _loss_and_grad("triton", lp.to(DEVICE), targets, il, tl)
     want = _loss_and_grad("reference", lp, targets, il, tl)
     assert torch.isfinite(want[0]).all()
     torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-8, atol=1e-10)
-    gamma = ctclab.state_occupation(lp.to(DEVICE), targets, il, tl, impl="triton")
-    torch.testing.assert_close(gamma.cpu(), ctclab.state_occupation(lp, targets, il, tl, impl="reference"),
-                               rtol=1e-8, atol=1e-10)
 
 
 def test_posteriors_and_alignment_targets_match_the_reference():

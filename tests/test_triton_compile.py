@@ -35,8 +35,8 @@ def _backward(scores: str, acc: str) -> dict:
 # (kernel, scores dtype, BLOCK, extra constexprs, warps): the largest tile the backend picks in
 # each dtype, and the smallest in float32 (each compilation costs seconds: one of each kind)
 CASES = [("ctc_forward_kernel", dtype, 1024, {}, 8) for dtype in ("float32", "bfloat16", "float64")] + [
-    ("ctc_forward_kernel", "float32", 128, {}, 1),
-    ("ctc_backward_kernel", "float32", 128, {"GRADIENT": True}, 1),
+    ("ctc_forward_kernel", "float32", 128, {}, 4),
+    ("ctc_backward_kernel", "float32", 128, {"GRADIENT": True}, 4),
     ("ctc_backward_kernel", "bfloat16", 1024, {"GRADIENT": True}, 8),
 ] + [("ctc_backward_kernel", dtype, 1024, {"GRADIENT": gradient}, 8) for dtype in ("float32", "float64")
      for gradient in (True, False)]

@@ -9,8 +9,9 @@ The maths is written once (:mod:`ctclab.graph`, :mod:`ctclab.semiring`); the bac
   bound, and every item under a delay penalty, run in log space (:mod:`ctclab.trellis`).
 * ``impl='fused'`` (``'auto'``): an explicit forward-backward; the gradient is the posterior
   occupation scattered onto the classes. Fast; first derivatives only. On CPU the numba
-  kernels; on CUDA (standard topology, no delay penalty) PyTorch's own CUDA kernel with its
-  gradient corrected to the true one; elsewhere the PyTorch reference in log space.
+  kernels; on CUDA ctclab's Triton kernels (every topology and the delay penalty; PyTorch's own
+  CUDA kernel with its gradient corrected where Triton is missing); elsewhere the PyTorch
+  reference in log space.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ._inputs import CTCBatch, Lengths, compute_dtype, ctc_batch
 from .graph import CTCGraph, Topology, check_delay_penalty, check_topology
 
 Reduction = Literal["none", "mean", "sum"]
-#: ``impl`` names (:mod:`ctclab.backends`): "auto", "fused", "autograd", "numba", "reference", "cuda-builtin", ...
+#: ``impl`` names (:mod:`ctclab.backends`): "auto", "fused", "autograd", "numba", "triton", "reference", "cuda-builtin", ...
 Impl = str
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -101,7 +102,7 @@ def ctc_loss(
             explicit forward-backward, first derivatives only — the numba kernels on CPU),
             ``'autograd'`` (the recursion differentiated by autograd: pass it for higher-order
             gradients and for research on modified recursions), or a backend by name
-            (``'numba'``, ``'reference'``, ``'cuda-builtin'``).
+            (``'numba'``, ``'triton'``, ``'reference'``, ``'cuda-builtin'``).
         topology: a name in :data:`ctclab.graph.TOPOLOGIES`: ``'standard'`` (Graves),
             ``'modified'`` (k2's: the skip over a blank is allowed between equal labels too),
             ``'selfless'`` and ``'minimal'`` (Laptev et al. 2022: no self-loops on labels).

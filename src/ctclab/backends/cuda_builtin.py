@@ -1,5 +1,6 @@
 """PyTorch's own CUDA CTC kernel (cuDNN or ATen's) with its gradient made the true one: the
-anchor of the GPU benchmarks, and ``'auto'``'s loss on CUDA until ctclab's own kernels serve it.
+anchor of the GPU benchmarks (``impl='cuda-builtin'``), and ``'auto'``'s loss on CUDA only where
+Triton is not installed (ctclab's Triton backend comes first).
 Standard topology, no delay penalty. Runs on CPU tensors too (the built-in's CPU kernel), which
 is how the test suite checks it."""
 from __future__ import annotations

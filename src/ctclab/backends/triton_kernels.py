@@ -64,6 +64,16 @@ def _segment_add(v1, f1, v2, f2):
 
 
 @triton.jit
+def _item(b, lp_ptr, stride_lb, labels_ptr, moves_ptr, entry_ptr, input_lengths_ptr, num_states_ptr, alpha_ptr,
+          rows, B, W):
+    """Item ``b``'s lengths and where its rows of the arrays begin (``alpha``'s past its two
+    guard states)."""
+    skip_b = moves_ptr + b * W
+    return (tl.load(input_lengths_ptr + b), tl.load(num_states_ptr + b), lp_ptr + b * stride_lb, labels_ptr + b * W,
+            skip_b, skip_b + B * W, skip_b + 2 * B * W, entry_ptr + b * W, alpha_ptr + b * rows * (W + 2) + 2)
+
+
+@triton.jit
 def ctc_forward_kernel(
     lp_ptr, stride_lt, stride_lb, stride_lc,  # (T, B, C) scores, any float dtype
     labels_ptr, moves_ptr, entry_ptr, flags_ptr,  # (B, W) int32 classes; (3, B, W) log-weights; (B, W) 0/1; int32 flags
@@ -79,15 +89,8 @@ def ctc_forward_kernel(
     that the shifted reads need no mask."""
     b = tl.program_id(0).to(tl.int64)
     acc_ty = alpha_ptr.dtype.element_ty
-    Tb = tl.load(input_lengths_ptr + b)
-    Sb = tl.load(num_states_ptr + b)
-    lp_b = lp_ptr + b * stride_lb
-    labels_b = labels_ptr + b * W
-    skip_b = moves_ptr + b * W
-    advance_b = skip_b + B * W
-    stay_b = advance_b + B * W
-    entry_b = entry_ptr + b * W
-    alpha_b = alpha_ptr + b * rows * (W + 2) + 2
+    Tb, Sb, lp_b, labels_b, skip_b, advance_b, stay_b, entry_b, alpha_b = _item(
+        b, lp_ptr, stride_lb, labels_ptr, moves_ptr, entry_ptr, input_lengths_ptr, num_states_ptr, alpha_ptr, rows, B, W)
     lane = tl.arange(0, BLOCK)
     half = Tb.to(acc_ty) / 2
     for t in range(0, Tb):
@@ -149,8 +152,8 @@ def ctc_backward_kernel(
     (its first ``S`` states)."""
     b = tl.program_id(0).to(tl.int64)
     acc_ty = alpha_ptr.dtype.element_ty
-    Tb = tl.load(input_lengths_ptr + b)
-    Sb = tl.load(num_states_ptr + b)
+    Tb, Sb, lp_b, labels_b, skip_b, advance_b, stay_b, entry_b, alpha_b = _item(
+        b, lp_ptr, stride_lb, labels_ptr, moves_ptr, entry_ptr, input_lengths_ptr, num_states_ptr, alpha_ptr, rows, B, W)
     nll = tl.load(nll_ptr + b)
     if GRADIENT:
         scale = -tl.load(upstream_ptr + b).to(acc_ty)
@@ -161,13 +164,6 @@ def ctc_backward_kernel(
     nan_item = nll != nll
     frames = tl.where(wanted & (nll != float("inf")) & ~nan_item, Tb, 0)  # impossible: 0 everywhere
     ll = -nll
-    lp_b = lp_ptr + b * stride_lb
-    labels_b = labels_ptr + b * W
-    skip_b = moves_ptr + b * W
-    advance_b = skip_b + B * W
-    stay_b = advance_b + B * W
-    entry_b = entry_ptr + b * W
-    alpha_b = alpha_ptr + b * rows * (W + 2) + 2
     gamma_b = gamma_ptr + b * stride_gb
     lane = tl.arange(0, BLOCK)
     half = Tb.to(acc_ty) / 2

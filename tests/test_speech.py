@@ -410,3 +410,39 @@ def test_plot_dir_draws_one_picture_per_item(hf_dir, corpus, tmp_path, capsys):
                             for n in ("one", "two")))
     status, _, _ = run(["align", "--model", hf_dir, "--manifest", good, "--out-dir", tmp_path / "o", "--plot-dir", tmp_path / "p"], capsys)
     assert status == 0 and sorted(p.name for p in (tmp_path / "p").iterdir()) == ["one.png", "two.png"]
+
+
+def test_long_recordings_posteriors_in_segments_match_the_whole_trellis(monkeypatch):
+    from ctclab import alignment_posteriors, forced_align
+    from ctclab.speech import corpus as corpus_module
+
+    g = torch.Generator().manual_seed(0)
+    L, T, C = 120, 900, 12
+    targets = torch.randint(1, C, (L,), generator=g)
+    targets[1::2] = torch.where(targets[1::2] == targets[:-1:2], targets[1::2] % (C - 1) + 1, targets[1::2])
+    # emissions peaked on a path through the targets, with noise: a confident model
+    frames = torch.sort(torch.randperm(T - 2, generator=g)[:L] + 1).values
+    truth = torch.zeros(T, dtype=torch.long)
+    for i, f in enumerate(frames.tolist()):
+        truth[f] = targets[i]
+    logits = torch.randn(T, C, generator=g) + 6 * torch.nn.functional.one_hot(truth, C)
+    lp = logits.log_softmax(-1)
+    ali = forced_align(lp, targets)
+    whole = alignment_posteriors(lp, targets, ali)
+    monkeypatch.setattr(corpus_module, "POSTERIOR_SEGMENT_FRAMES", 10**9)
+    torch.testing.assert_close(corpus_module._segment_posteriors(lp, targets, ali, None), whole.double())  # one segment
+    monkeypatch.setattr(corpus_module, "POSTERIOR_SEGMENT_FRAMES", 100)
+    parts = corpus_module._segment_posteriors(lp, targets, ali, None)
+    assert parts.shape == whole.shape and bool(((parts >= 0) & (parts <= 1 + 1e-9)).all())
+    assert float((parts - whole.double()).abs().mean()) < 0.02
+
+
+def test_readme_example_runs(hf_dir, tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_acoustic_model" in b)
+    sf.write(tmp_path / "speech.wav", speechlike(4.0), RATE)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(block.replace("models/wav2vec2-base-960h", str(hf_dir)), namespace)
+    assert [w.text for w in namespace["result"].words] == ["Hello,", "world!", "It", "costs", "44.1", "dollars."]
+    assert namespace["document"]["words"][4]["word"] == "44.1"

@@ -85,4 +85,4 @@ def read_audio(source: str | os.PathLike, sample_rate: int) -> Tensor:
             raise AudioError(f"cannot read audio {str(path)!r}: the file is damaged ({str(error).splitlines()[0]})") from None
     if filled == 0:
         raise AudioError(f"cannot read audio {str(path)!r}: it holds no samples")
-    return torch.from_numpy(out[:filled].copy())
+    return torch.from_numpy(out[:filled])

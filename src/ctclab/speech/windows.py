@@ -45,8 +45,19 @@ class Piece:
 def normalize(waveform: Tensor) -> Tensor:
     """Zero mean, unit variance over the whole recording (what Hugging Face's feature
     extractor does per input), so that every window sees the same scaling."""
-    x = waveform.double()
-    return ((x - x.mean()) / torch.sqrt(x.var(unbiased=False) + EPSILON)).float()
+    mean, scale = _moments(waveform)
+    return (waveform.float() - mean) * scale
+
+
+def _moments(waveform: Tensor) -> tuple[float, float]:
+    """``(mean, 1 / std)`` of a recording, accumulated in float64 a block at a time."""
+    total, squares, n = 0.0, 0.0, max(len(waveform), 1)
+    for block in waveform.split(1 << 22):
+        block = block.double()
+        total += float(block.sum())
+        squares += float((block * block).sum())
+    mean = total / n
+    return mean, 1.0 / math.sqrt(max(squares / n - mean * mean, 0.0) + EPSILON)
 
 
 def plan_windows(num_samples: int, samples_per_frame: int, core: int, context: int, item: int = 0) -> list[Piece]:
@@ -103,19 +114,21 @@ def windowed_log_probs(
     rate, spf = model.sample_rate, model.samples_per_frame
     core = max(1, round(window * rate / spf)) * spf
     ctx = max(1, math.ceil(context * rate / spf)) * spf
-    audio, pieces = [], []
+    audio, moments, pieces = [], [], []
     for i, w in enumerate(waveforms):
         w = torch.as_tensor(w)
         if w.dim() != 1:
             raise ValueError(f"waveform {i} must be mono (N,), got shape {tuple(w.shape)}")
-        audio.append(normalize(w) if model.normalize else w.float())
+        audio.append(w)
+        moments.append(_moments(w) if model.normalize else (0.0, 1.0))  # applied per window: no normalised copy
         pieces += plan_windows(len(w), spf, core, ctx, i)
     kept: dict[Piece, Tensor] = {}
     for batch in _batches(pieces, rate, batch_seconds, model.padding is None):
         n = len(batch[0])
         x = torch.zeros(len(batch), n)
         for b, p in enumerate(batch):
-            x[b, : len(p)] = audio[p.item][p.start : p.end]
+            mean, scale = moments[p.item]
+            x[b, : len(p)] = (audio[p.item][p.start : p.end].float() - mean) * scale
         log_probs, frames = model.log_probs(x, torch.tensor([len(p) for p in batch]))
         for b, p in enumerate(batch):
             have = int(frames[b])
@@ -123,7 +136,7 @@ def windowed_log_probs(
             if stop > have or p.keep > have:
                 raise ValueError(f"context {context} s is too short for {model.name}: a window of {len(p)} samples gives "
                                  f"{have} frames, {stop} needed; pass a longer context")
-            kept[p] = log_probs[b, p.keep : stop].cpu()
+            kept[p] = log_probs[b, p.keep : stop].to("cpu", copy=True)  # not a view pinning the batch
     out = []
     for i in range(len(audio)):
         parts = [kept[p] for p in pieces if p.item == i]

@@ -60,99 +60,100 @@ from .triton_kernels import _FINAL, _START
 
 
 @triton.jit
-def _tile_graph(graph, base, BLOCK: tl.constexpr, UNIT: tl.constexpr):
+def _tile_graph(graph, base, stride_c, BLOCK: tl.constexpr, UNIT: tl.constexpr):
     """The tile of an item's ``graph`` (``(labels, moves, entry, flags, item offset, moves
     stride)`` in ``_Arrays``' layout, padded past the last tile so that no load needs a mask)
-    from state ``base``: its states' classes, the log-weights of the moves into them (skip,
-    advance, stay), their entry weights (0/1) and flags."""
+    from state ``base``: the offset of its states' classes in a frame of the scores (``stride_c``
+    apart), the log-weights of the moves into them (skip, advance, stay), of starting in them
+    (0 or ``-inf``), and their entry weights (0/1)."""
     labels_ptr, moves_ptr, entry_ptr, flags_ptr, item, moves_stride = graph
     at = item + base + tl.arange(0, BLOCK)
     skip_w = tl.load(moves_ptr + at)  # the graph's order of the moves: skip, advance, stay
     if UNIT:  # every stay and advance weight is 0: not read, not added
-        adv_w = tl.zeros_like(skip_w)
-        stay_w = tl.zeros_like(skip_w)
+        adv_w = tl.full([BLOCK], 0.0, skip_w.dtype)
+        stay_w = adv_w
     else:
         adv_w = tl.load(moves_ptr + moves_stride + at)
         stay_w = tl.load(moves_ptr + 2 * moves_stride + at)
-    return tl.load(labels_ptr + at), skip_w, adv_w, stay_w, tl.load(entry_ptr + at), tl.load(flags_ptr + at)
+    start_w = tl.where((tl.load(flags_ptr + at) & _START) != 0, 0.0, float("-inf")).to(skip_w.dtype)
+    column = tl.load(labels_ptr + at).to(tl.int64) * stride_c
+    return column, skip_w, adv_w, stay_w, start_w, tl.load(entry_ptr + at)
 
 
 @triton.jit
-def _frame_tile(lp_frame, stride_c, scores_ptr, prev, cur, codes_ptr, base, tile, lo, hi, plo, phi, term, G,
-                FIRST: tl.constexpr, UNIT: tl.constexpr, DELAY: tl.constexpr, BLOCK: tl.constexpr):
-    """One frame of the recursion on the ``tile`` of states from ``base`` (:func:`_tile_graph`):
-    the scores of the band's states ``[lo, hi)`` into row ``cur`` from row ``prev`` (whose band
-    was ``[plo, phi)``; other states read as ``-inf``), each state's winning move into the packed
-    byte row ``codes_ptr``. ``term``: the delay penalty's entry term at this frame. ``FIRST``:
-    frame 0 (start states, no moves). Offsets within the tile are ``tl.arange(0, BLOCK)`` against
-    scalar bounds (fewer vector operations)."""
-    label, skip_w, adv_w, stay_w, entry_w, flags = tile
+def _lanes(BLOCK: tl.constexpr):
+    """What every tile shares: offsets of its states, the bit shift of each state's code in its
+    byte (tiles start at multiples of 4), offsets of its bytes."""
     j = tl.arange(0, BLOCK)
-    inside = (j >= lo - base) & (j < hi - base)
-    y = tl.load(lp_frame + label.to(tl.int64) * stride_c, mask=inside, other=float("-inf")).to(skip_w.dtype)
-    if FIRST:
-        best = tl.where((flags & _START) != 0, 0.0, float("-inf")).to(skip_w.dtype)
-        if DELAY:
-            best = best + entry_w * term
-        code = tl.zeros_like(j)
-    else:
-        neg = float("-inf")
-        low = plo - base
-        high = phi - base
-        from_skip = tl.load(scores_ptr + (prev + base - 2) + j, mask=inside & (j >= low + 2) & (j < high + 2), other=neg)
-        from_adv = tl.load(scores_ptr + (prev + base - 1) + j, mask=inside & (j >= low + 1) & (j < high + 1), other=neg)
-        from_stay = tl.load(scores_ptr + (prev + base) + j, mask=inside & (j >= low) & (j < high), other=neg)
-        best = from_skip + skip_w
-        adv = from_adv
-        stay = from_stay
-        if not UNIT:
-            adv = adv + adv_w
-            stay = stay + stay_w
-        if DELAY:  # the entry term on the entering moves of entry states
-            entering = entry_w * term
-            best = best + entering
-            adv = adv + entering
-        # the first maximum in the CPU kernel's order: skip, then advance, then stay
-        code = tl.where(adv > best, 1, 0)
-        best = tl.where(adv > best, adv, best)
-        code = tl.where(stay > best, 2, code)
-        best = tl.where(stay > best, stay, best)
-    tl.store(scores_ptr + (cur + base) + j, best + y, mask=inside)
-    packed = tl.sum(tl.reshape(code << ((j & 3) << 1), (BLOCK // 4, 4)), axis=1)  # base is a multiple of 4
-    groups = tl.arange(0, BLOCK // 4)
-    tl.store(codes_ptr + base // 4 + groups, packed.to(tl.uint8), mask=groups < G - base // 4)
+    return j, (j & 3) << 1, tl.arange(0, BLOCK // 4)
 
 
 @triton.jit
-def _frames(t_begin, t_end, prev, plo, phi, save, item_data, graph, tile0,
+def _frames(t_begin, t_end, prev, plo, phi, save, item_data, graph, tile0, lanes,
             ONE_TILE: tl.constexpr, UNIT: tl.constexpr, DELAY: tl.constexpr, BLOCK: tl.constexpr):
-    """Frames ``[t_begin, t_end)`` from the row at offset ``prev`` (band ``[plo, phi)``; not read
-    when ``t_begin`` is 0), over the tiles that hold each frame's band (``tile0``: the item's
-    first tile, loaded once; the only one with ``ONE_TILE``). Each frame writes row ``t % 2``, or
-    with ``save`` the checkpoint row of the segment it ends; its codes go to packed row
-    ``t % Kb``. Returns the last row's offset and band."""
+    """Frames ``[t_begin, t_end)`` of the recursion from the row at offset ``prev`` (band ``[plo,
+    phi)``; not read when ``t_begin`` is 0), over the tiles (:func:`_tile_graph`) that hold each
+    frame's band ``[lo, hi)`` (``tile0``: the item's first tile, loaded once; the only one with
+    ``ONE_TILE``). Each frame writes the scores of its band into row ``t % 2``, or with ``save``
+    into the checkpoint row of the segment it ends, and each state's winning move into packed
+    row ``t % Kb``. Offsets within a tile (``lanes``) are compared with scalar bounds (fewer
+    vector operations); the recursion is inline (a call costs the interpreter more than the
+    frame). Returns the last row's offset and band."""
     lp_item, stride_t, stride_c, scores_ptr, rows, packed_item, band_item, term_ptr, b, B, Sb, Tb, Kb, G = item_data
+    j, shift, groups = lanes
+    neg = float("-inf")
     for t in range(t_begin, t_end):
         lo = tl.load(band_item + 2 * t)
         hi = tl.load(band_item + 2 * t + 1)
+        first = t == 0
+        phi = tl.where(first, plo, phi)  # frame 0 has no previous frame: every move reads -inf
         ends_segment = ((t + 1) % Kb == 0) & (t + 1 < Tb) & save
         cur = tl.where(ends_segment, rows + (1 + (t + 1) // Kb) * Sb, rows + (t % 2) * Sb)
         term = 0.0
-        if DELAY:
+        if DELAY:  # the delay penalty's entry term at this frame
             term = tl.load(term_ptr + tl.cast(t, tl.int64) * B + b)
         lp_frame = lp_item + tl.cast(t, tl.int64) * stride_t
         codes = packed_item + (t % Kb) * G
-        for index in range((lo // BLOCK), (hi + BLOCK - 1) // BLOCK):
+        for index in range(lo // BLOCK, (hi + BLOCK - 1) // BLOCK):
             base = index * BLOCK
             tile = tile0
             if not ONE_TILE:
-                tile = _tile_graph(graph, base, BLOCK, UNIT)
-            if t == 0:
-                _frame_tile(lp_frame, stride_c, scores_ptr, prev, cur, codes, base, tile, lo, hi, plo, phi, term, G,
-                            True, UNIT, DELAY, BLOCK)
-            else:
-                _frame_tile(lp_frame, stride_c, scores_ptr, prev, cur, codes, base, tile, lo, hi, plo, phi, term, G,
-                            False, UNIT, DELAY, BLOCK)
+                tile = _tile_graph(graph, base, stride_c, BLOCK, UNIT)
+            column, skip_w, adv_w, stay_w, start_w, entry_w = tile
+            inside = (j >= lo - base) & (j < hi - base)
+            # the previous frame's scores of states s - 2, s - 1, s; -inf outside its band
+            low = plo - base
+            high = phi - base
+            row = scores_ptr + (prev + base) + j
+            best = tl.load(row - 2, mask=inside & (j >= low + 2) & (j < high + 2), other=neg) + skip_w
+            adv = tl.load(row - 1, mask=inside & (j >= low + 1) & (j < high + 1), other=neg)
+            stay = tl.load(row, mask=inside & (j >= low) & (j < high), other=neg)
+            if not UNIT:
+                adv = adv + adv_w
+                stay = stay + stay_w
+            entering = start_w
+            if DELAY:  # the entry term on the entering moves (and the start) of entry states
+                entering = entry_w * term
+                best = best + entering
+                adv = adv + entering
+                entering = start_w + entering
+            # the first maximum in the CPU kernel's order: skip, then advance, then stay (frame 0: code 0)
+            better = adv > best
+            code = tl.where(better, 1, 0)
+            best = tl.where(better, adv, best)
+            better = stay > best
+            code = tl.where(better, 2, code)
+            best = tl.where(better, stay, best)
+            best = tl.where(first, entering, best)
+            y = tl.load(lp_frame + column, mask=inside, other=neg).to(skip_w.dtype)
+            tl.store(scores_ptr + (cur + base) + j, best + y, mask=inside)
+            # 4 codes to a byte: state 4g + 2p + q at [g, p, q]; split off q, then p (no reduction:
+            # tl.sum is a call, which costs the interpreter more than this)
+            even, odd = tl.split(tl.reshape(code << shift, (BLOCK // 4, 2, 2)))
+            first_even, second_even = tl.split(even)
+            first_odd, second_odd = tl.split(odd)
+            packed = first_even | first_odd | second_even | second_odd
+            tl.store(codes + base // 4 + groups, packed.to(tl.uint8), mask=groups < G - base // 4)
         tl.debug_barrier()  # the next frame reads this row across threads
         prev = cur
         plo = lo
@@ -188,12 +189,13 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
         graph = (labels_ptr, moves_ptr, entry_ptr, flags_ptr, b * W, B * W)
         item_data = (lp_ptr + b * stride_b, stride_t, stride_c, scores_ptr, rows, packed_item, band_item, term_ptr,
                      b, B, Sb, Tb, Kb, G)
-        tile0 = _tile_graph(graph, 0, BLOCK, UNIT)
+        tile0 = _tile_graph(graph, 0, stride_c, BLOCK, UNIT)
+        lanes = _lanes(BLOCK)
         # frame 0 writes row 0, or the first checkpoint when the first segment is one frame; its
         # "previous" row and band are not read
         lo = tl.load(band_item)
         hi = tl.load(band_item + 1)
-        last, plo, phi = _frames(0, Tb, rows, lo, hi, True, item_data, graph, tile0, ONE_TILE, UNIT, DELAY, BLOCK)
+        last, plo, phi = _frames(0, Tb, rows, lo, hi, True, item_data, graph, tile0, lanes, ONE_TILE, UNIT, DELAY, BLOCK)
         # the best final state of the last frame; ties: the highest
         best = tl.full((), float("-inf"), tile0[1].dtype)
         state = tl.full((), -1, tl.int64)
@@ -216,7 +218,7 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
             if i > 0:  # an earlier segment: its backpointers again, from the checkpoint before it
                 plo = tl.load(band_item + 2 * tl.maximum(start - 1, 0))
                 phi = tl.load(band_item + 2 * tl.maximum(start - 1, 0) + 1)
-                _frames(start, stop, rows + (1 + segment) * Sb, plo, phi, False, item_data, graph, tile0,
+                _frames(start, stop, rows + (1 + segment) * Sb, plo, phi, False, item_data, graph, tile0, lanes,
                         ONE_TILE, UNIT, DELAY, BLOCK)
             for j in range(0, stop - start):  # the backtrace, one frame at a time
                 t = stop - 1 - j

@@ -76,6 +76,19 @@ def test_ties_are_broken_as_the_cpu_kernel_breaks_them(topology, delay):
     _assert_same(got, want, exact=True)
 
 
+def test_ties_across_tiles(monkeypatch):
+    """Tiles of 8 states: item 0 (17 states, all scores 0) has its two final states in different
+    tiles (15 and 16), the tie between them broken across tiles; item 1 ties within tiles."""
+    monkeypatch.setattr(triton_gpu, "MAX_BLOCK", 8)
+    log_probs = _integer_scores(12, 2, 4, seed=9)
+    log_probs[:, 0] = 0.0
+    targets = torch.tensor([[1, 2, 3, 1, 2, 2, 3, 1], [3, 1, 1, 2, 0, 0, 0, 0]])
+    il, tl = torch.tensor([12, 10]), torch.tensor([8, 4])
+    got, want = _align_both(log_probs, targets, il, tl)
+    assert bool(want.aligned.all()) and int(want.states[0, 11]) == 16
+    _assert_same(got, want, exact=True)
+
+
 def test_star_is_one_more_class():
     """The wildcard (forced_align's star) is a class appended to the scores: nothing for the kernel."""
     T, B, C = 10, 3, 5

@@ -178,6 +178,15 @@ def test_half_inputs(dtype):
     assert torch.equal(native[0], widened[0]) and torch.equal(native[1], widened[1])
 
 
+def test_batch_first_scores_are_read_through_their_strides():
+    logits, targets, il, tl = random_batch(7, 3, 5, 3, seed=10, repeats=True)
+    log_probs = logits.log_softmax(-1)
+    got = ctclab.forced_align(log_probs.transpose(0, 1).to(DEVICE), targets.to(DEVICE), il, tl, impl="triton",
+                              batch_first=True)
+    want = ctclab.forced_align(log_probs, targets, il, tl, impl="numba")
+    _assert_same(got, want)
+
+
 def test_float64_scores_accumulate_in_float64():
     logits, targets, il, tl = random_batch(8, 3, 5, 3, seed=8, dtype=torch.float64, repeats=True)
     got, want = _align_both(logits.log_softmax(-1), targets, il, tl, delay_penalty=0.2)

@@ -272,7 +272,8 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
     band = graph.band(T).to(device).contiguous()
     delay = bool(graph.delay_penalty)
     # (T, B) entry term of the delay penalty, computed as the CPU kernel does (in float64)
-    term = graph.frame_term(torch.arange(T, dtype=torch.float64)[:, None], torch.float64) if delay else torch.zeros(1)
+    frame_times = torch.arange(T, dtype=torch.float64, device=graph.input_lengths.device)[:, None]
+    term = graph.frame_term(frame_times, torch.float64) if delay else torch.zeros(1)
     term = term.to(device, arrays.compute).contiguous()
     unit = bool(((graph.moves[ADVANCE:STAY + 1] == 0) | graph.padding).all())
     _viterbi_kernel[(B,)](

@@ -271,13 +271,15 @@ def test_calls_that_cannot_fit_fail_fast_saying_how_much_and_what_to_do(monkeypa
     ):
         with pytest.raises(InsufficientMemoryError, match=rf"would need at least \d+ MiB .* 1 MiB is available: .*{advice}"):
             call()
-    # the kernel's checkpointed Viterbi fits where the full one would not
+    # the kernel's checkpointed Viterbi fits where the full one would not; by default the
+    # alignment checkpoints itself to fit the memory available
     monkeypatch.setattr("ctclab._memory.available_bytes", lambda device: 5 * 2**20)
     lp = torch.zeros(12000, 1, 8)
     target = 1 + torch.arange(1000)[None] % 7
     with pytest.raises(InsufficientMemoryError, match="checkpoint_every"):
-        forced_align(lp, target)
+        forced_align(lp, target, checkpoint_every=12000)
     assert forced_align(lp, target, checkpoint_every=100).aligned.all()
+    assert forced_align(lp, target).aligned.all()
 
 
 def test_fused_scratch_is_per_busy_thread_not_per_core(monkeypatch):

@@ -60,3 +60,30 @@ def check_memory(nbytes: int, device: torch.device, what: str, advice: str) -> N
             f"{what} would need at least {_gib(nbytes)} of memory on {torch.device(device).type}, "
             f"{_gib(available)} is available: {advice}"
         )
+
+
+#: Default budget of a Viterbi alignment's working memory (``forced_align(max_memory=None)``):
+#: this much, or half the memory available now if that is less. Inputs whose full backpointer
+#: table fits take it (no recomputation at all); longer ones are checkpointed, which costs a
+#: small fraction of a forward pass (see :func:`ctclab.backends.numba_viterbi.viterbi`), so the
+#: budget only has to keep a long input from taking a large share of the machine. 1 GiB holds
+#: the full table of an hour of 20 ms frames against 1,300 tokens (T * (2L + 1) / 4 bytes).
+DEFAULT_VITERBI_MEMORY = 2**30
+
+
+def viterbi_bytes(T: int, S: int, every: int) -> int:
+    """Working memory of one item's Viterbi, ``T`` frames, ``S`` states, checkpoints every
+    ``every`` frames (``>= T``: none, the full table): the backpointers of a segment (2 bits
+    per state and frame), the checkpoints (``S + 4`` float64 before every segment but the
+    first) and the kernel's rows (scores, emissions, weights, codes)."""
+    K = max(1, min(every, T))
+    row = 4 * ((S + 3) // 4) + 4
+    checkpoints = 8 * row * (-(-T // K)) if K < T else 0
+    return K * (row // 4) + checkpoints + 8 * 9 * row
+
+
+def memory_optimal_every(T: int) -> int:
+    """The checkpoint interval with the least memory: ``8 S T / K`` bytes of checkpoints against
+    ``K S / 4`` of backpointers balance at ``K = sqrt(32 T)`` (whatever ``S``)."""
+    return max(1, min(T, round((32 * T) ** 0.5)))
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -22,7 +23,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _memory, backends
 from ._inputs import Lengths, check_scores, compute_dtype, ctc_batch, time_major
 from .targets import state_occupation
 from .trellis import NEG, STAR, CTCTrellis, Topology, add_wildcard
@@ -82,6 +83,7 @@ def forced_align(
     star: float | None = None,
     skip_infeasible: bool = False,
     checkpoint_every: int | None = None,
+    max_memory: int | None = None,
     topology: Topology = "standard",
     delay_penalty: float = 0.0,
     impl: str = "auto",
@@ -104,8 +106,17 @@ def forced_align(
             fit (``T_b < L_b + repeats``), or every path meets a ``-inf`` score (a target class
             that is ``-inf`` on every frame, ``star=inf``) — raise a ``ValueError`` naming them
             by default; with True they are skipped (``aligned`` False).
-        checkpoint_every: keep only every K-th frame's scores and recompute backpointers per
-            segment (CPU kernel): bounded memory for long inputs at ~2x the time.
+        checkpoint_every: keep only the scores before every K-th frame and recompute each
+            segment's backpointers during the backtrace, in the states the path can pass
+            through (CPU kernel): memory ``~ S (8 T/K + K/4)`` bytes per item instead of
+            ``T S / 4``, for a recomputation of about ``2K / S`` of a forward pass (the forward
+            pass itself then records no backpointers). None: chosen from ``max_memory``.
+        max_memory: bytes the alignment's working memory (backpointers, checkpoints, for all
+            items in flight at once, one per core) may take when ``checkpoint_every`` is None:
+            the full backpointer table if it fits, else checkpoints every ``sqrt(32 T)`` frames
+            (the least memory). None: :data:`ctclab._memory.DEFAULT_VITERBI_MEMORY` (1 GiB),
+            or half the memory available if that is less, so that long inputs take bounded
+            memory by default. Paths and scores are the same whatever the checkpointing.
         topology: ``'standard'`` or k2's ``'modified'`` (see :class:`ctclab.CTCTrellis`).
         delay_penalty: as for :func:`ctclab.ctc_loss`; ``path_score`` then includes the entry
             weights (``scores`` stay the emission log-probs).
@@ -126,6 +137,8 @@ def forced_align(
     impl = backends.check_impl(impl)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
+        raise ValueError(f"max_memory must be a positive int (bytes) or None, got {max_memory!r}")
     if star is not None and not (isinstance(star, (int, float)) and star == star):
         raise TypeError(f"star must be a penalty in nats (a float) or None, got {star!r}")
     log_probs = time_major(log_probs, batch_first)
@@ -144,6 +157,8 @@ def forced_align(
             "pass skip_infeasible=True to skip them"
         )
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
+    if checkpoint_every is None:
+        checkpoint_every = _checkpoint_every(lp, trellis, max_memory)
     states, path_score = backends.select("viterbi", impl, trellis, lp).viterbi(trellis, lp, checkpoint_every)
     states = states.to(lp.device)
     path_score = path_score.to(lp.device, lp.dtype)
@@ -164,6 +179,33 @@ def forced_align(
         labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
     result = Alignment(labels, scores, states, path_score, aligned, blank, topology, float(delay_penalty))
     return result.item(0) if batch.unbatched else result
+
+
+def _checkpoint_every(log_probs: Tensor, trellis: CTCTrellis, max_memory: int | None) -> int | None:
+    """The checkpoint interval of :func:`forced_align` under ``max_memory`` (see there): None
+    for the full table, else the interval with the least memory. A given budget that even that
+    exceeds is an error; the default one is left to the kernel's memory check."""
+    T, B, _ = log_probs.shape
+    S = trellis.labels.shape[1]
+    items = min(B, os.cpu_count() or 1)  # at most one item per core in flight
+    full = items * _memory.viterbi_bytes(T, S, T)
+    if max_memory is None:
+        if full < _memory.ALWAYS_FITS:
+            return None
+        available = _memory.available_bytes(log_probs.device)
+        budget = _memory.DEFAULT_VITERBI_MEMORY if available is None else min(_memory.DEFAULT_VITERBI_MEMORY, available // 2)
+    else:
+        budget = max_memory
+    if full <= budget:
+        return None
+    every = _memory.memory_optimal_every(T)
+    least = items * _memory.viterbi_bytes(T, S, every)
+    if max_memory is not None and least > budget:
+        raise ValueError(
+            f"max_memory={max_memory} is too small: aligning {items} item(s) of {T} frames against {S} states "
+            f"needs at least {least} bytes (checkpoint_every={every}); raise it or align shorter segments"
+        )
+    return every
 
 
 def _trellis_option(name: str, given, alignment, default):

@@ -15,7 +15,7 @@ import threading
 import torch
 from torch import Tensor
 
-from .._memory import check_memory
+from .._memory import check_memory, viterbi_bytes
 from ..graph import CTCGraph
 from ..trellis import class_posteriors, log_space_nll, state_posteriors
 from . import Backend, register
@@ -182,21 +182,22 @@ def _threads() -> int:
 
 
 def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = None) -> tuple[Tensor, Tensor]:
-    """Best paths by :func:`ctclab.backends.numba_viterbi.viterbi`: ``(B, T)`` states, ``(B,)`` path scores."""
+    """Best paths by :func:`ctclab.backends.numba_viterbi.viterbi`: ``(B, T)`` states, ``(B,)``
+    path scores; checkpointed every ``checkpoint_every`` frames (None: the full backpointer
+    table). Memory: :func:`ctclab._memory.viterbi_bytes` per item in flight."""
     from . import numba_viterbi
 
     T, B, _ = log_probs.shape
     S = graph.labels.shape[1]
-    K = min(checkpoint_every or max(T, 1), max(T, 1))
-    # per busy thread: packed backpointers of a segment, checkpoints, two score rows
-    per_item = K * ((S + 3) // 4) + 8 * (T // K + 3) * (S + 6)
-    check_memory(min(B, _threads()) * per_item + 16 * B * T, log_probs.device, "forced_align",
-                 "pass checkpoint_every=K (memory ~ T/K + K per item) or align shorter segments")
+    every = min(checkpoint_every or max(T, 1), max(T, 1))
+    check_memory(min(B, _threads()) * viterbi_bytes(T, S, every) + 16 * B * T, log_probs.device, "forced_align",
+                 "pass max_memory=<bytes> or checkpoint_every=K (memory ~ S (8 T/K + K/4) bytes per item), "
+                 "or align shorter segments")
     states = torch.full((B, T), -1, dtype=torch.int64)
     path_score = torch.empty(B, dtype=torch.float64)
     numba_viterbi.viterbi(
-        log_probs.detach().contiguous().numpy(), graph.labels.numpy(), graph.kernel_graph(T),
-        int(checkpoint_every or max(T, 1)), float(graph.delay_penalty), states.numpy(), path_score.numpy(),
+        log_probs.detach().contiguous().numpy(), graph.labels.numpy(), graph.moves.contiguous().numpy(),
+        graph.kernel_graph(T), every, float(graph.delay_penalty), states.numpy(), path_score.numpy(),
     )
     return states, path_score
 

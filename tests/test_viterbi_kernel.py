@@ -1,0 +1,123 @@
+"""The vectorised Viterbi kernel (ctclab.backends.numba_viterbi): the reference's paths and
+tie-breaks on exact ties, checkpointing that changes nothing, the memory budget, and the
+generated code."""
+import numba
+import pytest
+import torch
+from conftest import random_batch
+
+import ctclab.backends.numba_viterbi
+from ctclab import forced_align
+from ctclab._memory import memory_optimal_every, viterbi_bytes
+from ctclab.graph import TOPOLOGIES
+
+CASES = [(topology, delay) for topology in TOPOLOGIES for delay in (0.0, 1.0)]
+
+
+def integer_scores(T, B, C, seed, spread=2):
+    """Scores in {-spread, ..., 0}: whole numbers, so every sum is exact and many paths tie
+    exactly (the tie-break decides)."""
+    return -torch.randint(0, spread + 1, (T, B, C), generator=torch.Generator().manual_seed(seed)).double()
+
+
+@pytest.mark.parametrize("topology,delay", CASES)
+def test_exact_ties_are_broken_as_by_the_reference(topology, delay):
+    """Integer scores (and an integer delay term: lam = 1, even T) make ties exact and
+    frequent; the kernel, full and checkpointed, returns the reference's path, state by state."""
+    for seed in range(4):
+        _, targets, il, tl = random_batch(16, 5, 4, 6, seed=seed, repeats=True)
+        il = il - il % 2  # T_b / 2 whole: the delay's entry terms are integers too
+        lp = integer_scores(16, 5, 4, seed, spread=1 + seed % 2)
+        kw = dict(topology=topology, delay_penalty=delay, skip_infeasible=True)
+        reference = forced_align(lp, targets, il, tl, impl="reference", **kw)
+        for every in (None, 1, 3, 16):
+            kernel = forced_align(lp, targets, il, tl, impl="numba", checkpoint_every=every, **kw)
+            assert torch.equal(kernel.aligned, reference.aligned)
+            assert torch.equal(kernel.states, reference.states), (seed, every)
+            assert torch.equal(kernel.path_score, reference.path_score)
+
+
+def test_uniform_scores_enter_every_state_as_late_as_possible():
+    """Every path ties: the documented rule (skip, then advance, then stay; the final blank)
+    enters 1 ("a"), 3 ("b"), 5 ("a") and the final blank on the last frames, skipping blanks."""
+    lp = torch.zeros(9, 1, 3, dtype=torch.float64)
+    target = torch.tensor([[1, 2, 1]])
+    for every in (None, 2):
+        ali = forced_align(lp, target, checkpoint_every=every)
+        assert ali.states[0].tolist() == [0, 0, 0, 0, 0, 1, 3, 5, 6]
+
+
+@pytest.mark.parametrize("topology,delay", CASES)
+def test_checkpointing_changes_neither_paths_nor_scores(topology, delay):
+    """Segments much shorter than the target: each is recomputed in a window of the states
+    (2K + 1 of them) that the path can pass through, not the whole band."""
+    logits, targets, il, tl = random_batch(300, 3, 6, 60, seed=7)
+    lp = logits.log_softmax(-1)
+    kw = dict(topology=topology, delay_penalty=delay, skip_infeasible=True)
+    full = forced_align(lp, targets, il, tl, **kw)
+    for every in (1, 2, 5, 17, 299, 300):
+        ckpt = forced_align(lp, targets, il, tl, checkpoint_every=every, **kw)
+        assert torch.equal(full.states, ckpt.states), every
+        assert torch.equal(full.path_score, ckpt.path_score), every
+
+
+def test_a_small_budget_checkpoints_automatically(monkeypatch):
+    T, L = 4000, 300
+    logits, targets, il, tl = random_batch(T, 1, 12, L, seed=2, ragged=False)
+    lp = logits.log_softmax(-1)
+    seen = []
+    kernel = ctclab.backends.numba_viterbi.viterbi
+    monkeypatch.setattr(ctclab.backends.numba_viterbi, "viterbi", lambda *a: seen.append(a[4]) or kernel(*a))
+    full = forced_align(lp, targets, il, tl)
+    S = 2 * L + 1
+    budget = viterbi_bytes(T, S, T) // 4  # the full table does not fit
+    ckpt = forced_align(lp, targets, il, tl, max_memory=budget)
+    assert seen == [T, memory_optimal_every(T)]
+    assert viterbi_bytes(T, S, seen[1]) <= budget < viterbi_bytes(T, S, T)
+    assert torch.equal(full.states, ckpt.states)
+    assert torch.equal(full.path_score, ckpt.path_score)
+    # an explicit interval wins over the budget
+    forced_align(lp, targets, il, tl, max_memory=budget, checkpoint_every=7)
+    assert seen[-1] == 7
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1GB", float("nan")])
+def test_bad_max_memory_is_refused_naming_it(bad):
+    lp = torch.randn(10, 4).log_softmax(-1)
+    with pytest.raises(ValueError, match="max_memory"):
+        forced_align(lp, torch.tensor([1, 2]), max_memory=bad)
+
+
+def test_a_budget_nothing_fits_in_is_refused_naming_it():
+    lp = torch.randn(2000, 4).log_softmax(-1)
+    with pytest.raises(ValueError, match=r"max_memory=1000 is too small"):
+        forced_align(lp, torch.tensor([1, 2] * 100), max_memory=1000)
+
+
+def _host_has(feature):
+    import llvmlite.binding as llvm
+
+    return any(f == "+" + feature for f in llvm.get_host_cpu_features().flatten().split(","))
+
+
+@pytest.mark.skipif(not _host_has("avx2"), reason="checks the x86 AVX2 code numba emits for this machine")
+def test_the_step_compiles_to_vector_code():
+    """The frame step (compares, maxima, blends over 4 float64 states in a ymm register), the
+    gather's row and the packing of codes are vector code on x86 with AVX2."""
+    nv = ctclab.backends.numba_viterbi
+
+    @numba.njit
+    def frame(log_probs, t, b, labels, prev, w, e, emit, lo, hi, out, codes, row):
+        nv._gather(log_probs, t, b, labels, lo, hi, emit)
+        nv._step(prev, w, e, emit, lo, hi, out, codes)
+        nv._pack(codes, lo, hi, row)
+
+    import numpy as np
+
+    S = 12
+    w = nv.Rows(*(np.zeros(S) for _ in range(5)))
+    frame(np.zeros((1, 1, 3)), 0, 0, np.zeros((1, S), dtype=np.int64), np.zeros(S + 4), w, 0.0, np.zeros(S), 0, S,
+          np.zeros(S + 4), np.zeros(S, dtype=np.uint8), np.zeros(S // 4, dtype=np.uint8))
+    asm = "\n".join(frame.inspect_asm().values())
+    for instruction in ("vmaxpd", "vcmpltpd", "vaddpd", "vmulpd"):
+        assert any(instruction in line and "%ymm" in line for line in asm.splitlines()), instruction

@@ -60,24 +60,31 @@ from .triton_kernels import _FINAL, _START
 
 
 @triton.jit
-def _tile_graph(graph, base, stride_c, BLOCK: tl.constexpr, UNIT: tl.constexpr):
+def _tile_graph(graph, base, stride_c, first, BLOCK: tl.constexpr, UNIT: tl.constexpr, DELAY: tl.constexpr):
     """The tile of an item's ``graph`` (``(labels, moves, entry, flags, item offset, moves
     stride)`` in ``_Arrays``' layout, padded past the last tile so that no load needs a mask)
     from state ``base``: the offset of its states' classes in a frame of the scores (``stride_c``
     apart), the log-weights of the moves into them (skip, advance, stay), of starting in them
-    (0 or ``-inf``), and their entry weights (0/1)."""
+    (0 or ``-inf``; read only for the ``first`` frame) and their entry weights (0/1; read only
+    under a delay). What is not read is not loaded: a tile of the standard topology without a
+    delay reads two numbers per state."""
     labels_ptr, moves_ptr, entry_ptr, flags_ptr, item, moves_stride = graph
     at = item + base + tl.arange(0, BLOCK)
     skip_w = tl.load(moves_ptr + at)  # the graph's order of the moves: skip, advance, stay
-    if UNIT:  # every stay and advance weight is 0: not read, not added
-        adv_w = tl.full([BLOCK], 0.0, skip_w.dtype)
-        stay_w = adv_w
-    else:
+    zero = tl.full([BLOCK], 0.0, skip_w.dtype)
+    adv_w = zero
+    stay_w = zero
+    if not UNIT:  # else every stay and advance weight is 0: not read, not added
         adv_w = tl.load(moves_ptr + moves_stride + at)
         stay_w = tl.load(moves_ptr + 2 * moves_stride + at)
-    start_w = tl.where((tl.load(flags_ptr + at) & _START) != 0, 0.0, float("-inf")).to(skip_w.dtype)
+    start_w = zero + float("-inf")
+    if first:
+        start_w = tl.where((tl.load(flags_ptr + at) & _START) != 0, 0.0, float("-inf")).to(skip_w.dtype)
+    entry_w = zero
+    if DELAY:
+        entry_w = tl.load(entry_ptr + at)
     column = tl.load(labels_ptr + at).to(tl.int64) * stride_c
-    return column, skip_w, adv_w, stay_w, start_w, tl.load(entry_ptr + at)
+    return column, skip_w, adv_w, stay_w, start_w, entry_w
 
 
 @triton.jit
@@ -118,7 +125,7 @@ def _frames(t_begin, t_end, prev, plo, phi, save, item_data, graph, tile0, lanes
             base = index * BLOCK
             tile = tile0
             if not ONE_TILE:
-                tile = _tile_graph(graph, base, stride_c, BLOCK, UNIT)
+                tile = _tile_graph(graph, base, stride_c, first, BLOCK, UNIT, DELAY)
             column, skip_w, adv_w, stay_w, start_w, entry_w = tile
             inside = (j >= lo - base) & (j < hi - base)
             # the previous frame's scores of states s - 2, s - 1, s; -inf outside its band
@@ -189,7 +196,7 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
         graph = (labels_ptr, moves_ptr, entry_ptr, flags_ptr, b * W, B * W)
         item_data = (lp_ptr + b * stride_b, stride_t, stride_c, scores_ptr, rows, packed_item, band_item, term_ptr,
                      b, B, Sb, Tb, Kb, G)
-        tile0 = _tile_graph(graph, 0, stride_c, BLOCK, UNIT)
+        tile0 = _tile_graph(graph, 0, stride_c, True, BLOCK, UNIT, DELAY)
         lanes = _lanes(BLOCK)
         # frame 0 writes row 0, or the first checkpoint when the first segment is one frame; its
         # "previous" row and band are not read

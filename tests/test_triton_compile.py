@@ -28,8 +28,10 @@ def _backward(scores: str, acc: str) -> dict:
     return {"lp_ptr": scores, "stride_lt": "i32", "stride_lb": "i32", "stride_lc": "i32", **_graph_signature(acc),
             "alpha_ptr": acc, "rows": "i32", "nll_ptr": acc, "upstream_ptr": acc, "gamma_ptr": acc,
             "stride_gt": "i32", "stride_gb": "i32", "S": "i32", "order_ptr": "*i32", "sorted_ptr": "*i32",
+            "segment_ptr": "*i32",
             "grad_ptr": scores, "stride_dt": "i32", "stride_db": "i32", "stride_dc": "i32", "B": "i32", "W": "i32",
-            "C": "i32", "delay": "fp32", "BLOCK": "constexpr", "GRADIENT": "constexpr"}
+            "C": "i32", "delay": "fp32", "BLOCK": "constexpr", "LOG_BLOCK": "constexpr",
+            "GRADIENT": "constexpr"}
 
 
 # (kernel, scores dtype, BLOCK, extra constexprs, warps): the largest tile the backend picks in
@@ -51,7 +53,10 @@ def compiled():
     for name, dtype, block, extra, warps in CASES:
         acc = "*fp64" if dtype == "float64" else "*fp32"
         signature = (_forward if name == "ctc_forward_kernel" else _backward)(SCORES[dtype], acc)
-        jobs.append(triton_support.Compilation(getattr(triton_kernels, name), signature, {"BLOCK": block, **extra}, warps))
+        constexprs = {"BLOCK": block, **extra}
+        if name == "ctc_backward_kernel":
+            constexprs["LOG_BLOCK"] = block.bit_length() - 1
+        jobs.append(triton_support.Compilation(getattr(triton_kernels, name), signature, constexprs, warps))
     return dict(zip(range(len(CASES)), triton_support.compile_many(jobs)))
 
 

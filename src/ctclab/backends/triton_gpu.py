@@ -6,10 +6,15 @@ wheels; ``pip install ctclab[gpu]`` otherwise). Named (``impl='triton'``) it als
 tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which
 is how the tests check the kernels without a GPU. Nothing here imports Triton until a kernel runs.
 
-Memory of the loss: the ``(T, B, C)`` gradient in the scores' dtype, and ``4 B T S`` bytes of
-forward variables (float32; ``8 B T S`` for float64 scores, ``8 B S`` when no gradient is
-needed) plus ``O(B S)`` of graph arrays: for the seed shape (T, B, S) = (128, 256, 121), 15.9 MB.
-The posteriors need their ``(T, B, S)`` output and the same forward variables.
+Memory of the loss, beyond its input: the ``(T, B, C)`` gradient in the scores' dtype; the
+forward variables, ``4 B T (W + 2)`` bytes (float32; 8 for float64 scores; ``T`` becomes 2 when
+no gradient is needed), with ``W = ceil(S / tile) * tile + 2`` (``S = 2 max(L) + 1``, the tile
+of :func:`_block`); and ``O(B W)`` of graph arrays (eleven int32/float32 rows, the class order
+included). At the seed's shape (T, B, C, L) = (128, 256, 32, 60): 17.3 MB of forward variables,
+4.2 MB of gradient, 1.5 MB of graph arrays. ATen's CUDA kernel keeps its forward variables
+until backward and allocates as many backward variables there, ``2 x 4 B T S`` (31.7 MB), plus
+the gradient (measured peaks on a GPU: ``benchmarks/gpu_check.py``; none here yet). The posteriors need
+their ``(T, B, S)`` output and the same forward variables.
 """
 from __future__ import annotations
 
@@ -71,11 +76,11 @@ class _Arrays:
     def graph_args(self) -> tuple:
         return (self.labels, self.moves, self.entry, self.flags, self.input_lengths, self.num_states)
 
-    def class_order(self) -> tuple[Tensor, Tensor]:
+    def class_order(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(B, W)`` int32 each: the states sorted by class within each item (padding states
-        last), and each sorted state's class with
-        :data:`~ctclab.backends.triton_kernels.FIRST_BIT` / :data:`~ctclab.backends.triton_kernels.LAST_BIT`
-        set on the first / last state of its class (never on padding states)."""
+        last); each sorted state's class with :data:`~ctclab.backends.triton_kernels.LAST_BIT`
+        set on the last state of its class (never on padding states); the position in that order
+        where its class begins."""
         from . import triton_kernels as k
 
         states = torch.arange(self.W, device=self.labels.device)
@@ -86,8 +91,9 @@ class _Arrays:
         cut = torch.ones(self.B, self.W + 1, dtype=torch.bool, device=cls.device)
         cut[:, 1:-1] = cls[:, 1:] != cls[:, :-1]
         cut[torch.arange(self.B, device=cls.device), self.num_states.long()] = True  # after the item's last state
-        code = cls | (cut[:, :-1].int() << k.FIRST_BIT) | ((cut[:, 1:] & real).int() << k.LAST_BIT)
-        return order.to(torch.int32).contiguous(), code.to(torch.int32).contiguous()
+        code = cls | ((cut[:, 1:] & real).int() << k.LAST_BIT)
+        begins = torch.where(cut[:, :-1], states, 0).cummax(1).values
+        return tuple(x.to(torch.int32).contiguous() for x in (order, code, begins))
 
 
 def _forward(arrays: _Arrays, log_probs: Tensor, keep: bool) -> tuple[Tensor, Tensor]:
@@ -119,17 +125,17 @@ def _backward(arrays: _Arrays, log_probs: Tensor, alpha: Tensor, nll: Tensor, gr
         out = torch.zeros(T, B, C, dtype=log_probs.dtype, device=device)
         gamma = torch.empty(B, W, dtype=arrays.compute, device=device)  # one frame's posteriors per item
         gamma_strides = (0, W)
-        order, code = arrays.class_order()
+        order, code, begins = arrays.class_order()
         scale = upstream(grad_nll).to(device, arrays.compute).contiguous()
     else:
         out = gamma = torch.zeros(T, B, S, dtype=arrays.compute, device=device)
         gamma_strides = (B * S, S)
-        order = code = arrays.labels  # not read
+        order = code = begins = arrays.labels  # not read
         scale = nll
     k.ctc_backward_kernel[(B,)](
         log_probs, *log_probs.stride(), *arrays.graph_args(), alpha, alpha.shape[1], nll, scale, gamma,
-        *gamma_strides, S, order, code, out, *(out.stride() if gradient else (0, 0, 0)), B, W, C, arrays.delay,
-        BLOCK=arrays.block, GRADIENT=gradient, num_warps=arrays.warps,
+        *gamma_strides, S, order, code, begins, out, *(out.stride() if gradient else (0, 0, 0)), B, W, C, arrays.delay,
+        BLOCK=arrays.block, LOG_BLOCK=arrays.block.bit_length() - 1, GRADIENT=gradient, num_warps=arrays.warps,
     )
     return out
 

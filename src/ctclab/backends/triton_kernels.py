@@ -33,7 +33,8 @@ frames.
 The gradient :math:`-g_b \gamma_t(k)`, with :math:`\gamma_t(k) = \sum_{s: l'_s = k} \gamma_t(s)`,
 is written straight into the ``(T, B, C)`` gradient without atomics: each item's states come
 sorted by class (``order``), each frame's posteriors are summed per class by a segmented scan in
-that order, and one state (the last of its class) writes each class. The same inputs give
+that order (shifted adds; Triton's ``associative_scan`` with a custom combine runs element by
+element in the interpreter, 10x slower), and one state (the last of its class) writes each class. The same inputs give
 bitwise the same gradient.
 
 References:
@@ -50,17 +51,11 @@ from ..graph import NEG as _NEG_VALUE
 NEG = tl.constexpr(_NEG_VALUE)
 #: Bits of the per-state flags (``flags``): start, final and entry states.
 START, FINAL, ENTRY = 1, 2, 4
-#: Bits of the class-sorted states (``sorted``) above the class: first / last state of its class.
-FIRST_BIT, LAST_BIT = 29, 30
+#: The bit of a class-sorted state's code (``sorted``) above its class: the last state of its class.
+LAST_BIT = 30
 _START, _FINAL, _ENTRY = tl.constexpr(START), tl.constexpr(FINAL), tl.constexpr(ENTRY)
-_FIRST, _LAST = tl.constexpr(FIRST_BIT), tl.constexpr(LAST_BIT)
-_CLASS_MASK = tl.constexpr((1 << FIRST_BIT) - 1)
-
-
-@triton.jit
-def _segment_add(v1, f1, v2, f2):
-    """Combine of a segmented sum: a segment starts where the flag is set."""
-    return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+_LAST = tl.constexpr(LAST_BIT)
+_CLASS_MASK = tl.constexpr((1 << LAST_BIT) - 1)
 
 
 @triton.jit
@@ -73,7 +68,7 @@ def _item(b, lp_ptr, stride_lb, labels_ptr, moves_ptr, entry_ptr, input_lengths_
             skip_b, skip_b + B * W, skip_b + 2 * B * W, entry_ptr + b * W, alpha_ptr + b * rows * (W + 2) + 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lt", "stride_lb", "rows", "B", "W"])  # no recompilation per shape
 def ctc_forward_kernel(
     lp_ptr, stride_lt, stride_lb, stride_lc,  # (T, B, C) scores, any float dtype
     labels_ptr, moves_ptr, entry_ptr, flags_ptr,  # (B, W) int32 classes; (3, B, W) log-weights; (B, W) 0/1; int32 flags
@@ -133,7 +128,8 @@ def ctc_forward_kernel(
     tl.store(nll_ptr + b, nll.to(acc_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lt", "stride_lb", "rows", "stride_gt", "stride_gb", "S", "stride_dt",
+                               "stride_db", "B", "W", "C"])
 def ctc_backward_kernel(
     lp_ptr, stride_lt, stride_lb, stride_lc,  # (T, B, C) scores
     labels_ptr, moves_ptr, entry_ptr, flags_ptr,  # as the forward's
@@ -141,10 +137,11 @@ def ctc_backward_kernel(
     alpha_ptr, rows,  # (B, rows = T, W + 2) the forward's variables; overwritten with beta + emission
     nll_ptr, upstream_ptr,  # (B,) the forward's result; the upstream gradient (GRADIENT only)
     gamma_ptr, stride_gt, stride_gb, S,  # posteriors: (T, B, S) output, or one (B, W) row per item (stride_gt = 0)
-    order_ptr, sorted_ptr,  # (B, W) int32: the states sorted by class; their class, FIRST_BIT and LAST_BIT
+    order_ptr, sorted_ptr, segment_ptr,  # (B, W) int32: the states sorted by class; their class and LAST_BIT;
+                                         # where their class begins in that order
     grad_ptr, stride_dt, stride_db, stride_dc,  # (T, B, C) gradient in the scores' dtype (GRADIENT only)
     B, W, C, delay,
-    BLOCK: tl.constexpr, GRADIENT: tl.constexpr,
+    BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, GRADIENT: tl.constexpr,
 ):
     """The backward recursion of one item per program and the posteriors
     :math:`\\gamma_t(s) = \\alpha_t(s) \\beta_t(s) / p(l|x)`; with ``GRADIENT`` the gradient
@@ -204,10 +201,15 @@ def ctc_backward_kernel(
                 j = k * BLOCK + lane
                 state = tl.load(order_ptr + b * W + j)
                 code = tl.load(sorted_ptr + b * W + j)
-                post = tl.load(gamma_b + state, mask=(state >= lo) & (state < hi), other=0.0)  # others: stale
-                total, _started = tl.associative_scan((post, (code >> _FIRST) & 1), 0, _segment_add)
-                # the lanes before this tile's first segment start continue the last tile's segment
-                total += tl.where(tl.cumsum((code >> _FIRST) & 1, 0) == 0, carry, 0.0)
+                begins = tl.load(segment_ptr + b * W + j) - k * BLOCK  # < 0: in an earlier tile
+                first = tl.maximum(begins, 0)  # the class's first lane in this tile
+                total = tl.load(gamma_b + state, mask=(state >= lo) & (state < hi), other=0.0)  # others: stale
+                # segmented inclusive sum (Hillis-Steele: log2(BLOCK) shifted adds, each within the
+                # lane's class; a fixed order of additions, so the same bits every run)
+                for step in tl.static_range(LOG_BLOCK):
+                    back = lane - (1 << step)
+                    total += tl.where(back >= first, tl.gather(total, tl.maximum(back, 0), 0), 0.0)
+                total += tl.where(begins < 0, carry, 0.0)  # the class's sum over the earlier tiles
                 ends = ((code >> _LAST) & 1) != 0  # the last state of its class writes it (never a padding state)
                 tl.store(grad_t + (code & _CLASS_MASK).to(tl.int64) * stride_dc,
                          (scale * total).to(grad_ptr.dtype.element_ty), mask=ends)

@@ -12,6 +12,7 @@ import torch
 from conftest import random_batch
 
 import ctclab
+from ctclab import backends
 from ctclab._inputs import ctc_batch
 from ctclab.backends import triton_gpu, triton_support
 from ctclab.graph import TOPOLOGIES, CTCGraph
@@ -193,6 +194,16 @@ def test_float64_scores_accumulate_in_float64():
     assert got.path_score.dtype == torch.float64
     torch.testing.assert_close(got.path_score.cpu(), want.path_score, rtol=1e-13, atol=1e-12)
     assert torch.equal(got.states.cpu(), want.states)
+
+
+def test_registered_for_viterbi_and_picked_by_auto_on_cuda_only():
+    logits, targets, il, tl = random_batch(4, 2, 4, 1, seed=1)
+    graph = CTCGraph.build(ctc_batch(logits, targets, il, tl, 0))
+    assert "triton" in {b.name for b in backends.backends("viterbi")}
+    assert backends.select("viterbi", "triton", graph, logits).viterbi is triton_gpu.viterbi
+    assert backends.select("viterbi", "auto", graph, logits).name == "numba"  # CPU tensors: the CPU kernel
+    if torch.cuda.is_available():
+        assert backends.select("viterbi", "auto", graph, logits.cuda()).name == "triton"
 
 
 def test_the_kernel_compiles_for_hopper_without_spills():

@@ -18,12 +18,14 @@ Algorithm (:func:`_viterbi_kernel`, one program per item, ``B`` programs in one 
 
 1. *Forward.* A loop over the item's frames inside the kernel. Each frame visits only the
    states of the graph's band at that frame (:meth:`ctclab.graph.CTCGraph.band`), in tiles of
-   ``BLOCK`` states — no cap on the target length: a long target is more tiles, and an item
-   whose states fit one tile keeps its tile of the graph in registers across frames. The scores
-   of the previous frame are read from a two-row buffer in global memory (a row is written by one
-   frame and read by the next after a barrier; states outside the previous frame's band read as
-   ``-inf``). Each state's winning move is a 2-bit code (0 skip, 1 advance, 2 stay), packed 4
-   states to a byte in GPU memory.
+   ``BLOCK`` states — no cap on the target length: a long target is more tiles. An item whose
+   states fit one tile keeps its tile of the graph in registers across frames; otherwise each
+   tile reads what the graph needs of it (the standard topology without a delay: each state's
+   class and skip weight). The scores of the previous frame are read from a two-row buffer in
+   global memory (a row is written by one frame and read by the next after a barrier; states
+   outside the previous frame's band read as ``-inf``, so frame 0, with no previous frame, is
+   the start states' weights). Each state's winning move is a 2-bit code (0 skip, 1 advance,
+   2 stay), packed 4 states to a byte in GPU memory.
 2. *Final state.* The best final state of the last frame; ties go to the highest.
 3. *Backtrace*, in the same kernel (on the GPU): from the last frame back, ``s -= 2 - code``.
 
@@ -31,13 +33,16 @@ Tie-break (exactly that of the CPU kernel): a state prefers the move from furthe
 then advance, then stay, each taken only if strictly better), the path ends in the highest final
 state unless a lower one scores strictly higher. Scores accumulate in float32 for float32 and
 half inputs (read natively), in float64 for float64 inputs; path scores are returned in float64.
+Equal-score paths therefore give the CPU kernel's path wherever the sums are exact in float32
+(tested with integer scores); near-ties closer than float32's rounding may resolve differently.
 
 Memory per item with ``S = 2L + 1`` states and ``T`` frames: ``T * ceil(S / 4)`` bytes of
-backpointers plus two score rows. With ``checkpoint_every = K`` the forward pass keeps the score
-row at the end of every K-frame segment, and the backtrace recomputes each segment's
-backpointers from its checkpoint before tracing it (about 2x the forward work): ``K * ceil(S /
-4)`` bytes plus ``(T / K) * S * 4`` bytes of checkpoints (8 for float64), bounded for long audio
-(T = 30000, L = 8000: 120 MB of backpointers without, ~12 MB with K = 173 ≈ sqrt(T)).
+backpointers plus two score rows (and the band, 16 bytes a frame). With ``checkpoint_every = K``
+the forward pass keeps the score row at the end of every K-frame segment, and the backtrace
+recomputes each earlier segment's backpointers from the checkpoint before it, then traces it
+(about 2x the forward work): ``K * ceil(S / 4)`` bytes plus ``(T / K) * S * 4`` bytes of
+checkpoints (8 for float64), bounded for long audio (T = 30000, L = 8000: 120 MB of
+backpointers without, ~12 MB with K = 173 ≈ sqrt(T)).
 
 Compared with torchaudio's CUDA aligner (``torchaudio.functional.forced_align``,
 ``falign_cuda_step_kernel``): it takes one item (batch size 1) and launches one step kernel per
@@ -227,8 +232,8 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
                 phi = tl.load(band_item + 2 * tl.maximum(start - 1, 0) + 1)
                 _frames(start, stop, rows + (1 + segment) * Sb, plo, phi, False, item_data, graph, tile0, lanes,
                         ONE_TILE, UNIT, DELAY, BLOCK)
-            for j in range(0, stop - start):  # the backtrace, one frame at a time
-                t = stop - 1 - j
+            for back in range(0, stop - start):  # the backtrace, one frame at a time
+                t = stop - 1 - back
                 tl.store(states_ptr + b * T + t, state.to(tl.int64))
                 byte = tl.load(packed_item + (t % Kb) * G + (state >> 2)).to(tl.int64)
                 state = state - 2 + ((byte >> ((state & 3) << 1)) & 3)

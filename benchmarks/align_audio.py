@@ -168,35 +168,64 @@ def compare(name: str, python: str, path: str, hours: float) -> None:
           f"peak +{ours['peak_mb']:.0f} MB): {ta['median_s'] / ours['median_s']:.1f}x; max rel path-score diff {diff:.1e}")
 
 
-def long_recording(model_dir: str, minutes: float, device: str, batch_seconds: float) -> None:
-    """In a fresh process: one recording through align_audio; times and peak RSS."""
+def status_mb(key: str) -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+
+def write_long_recording(path: Path, minutes: float) -> str:
+    """A ``minutes`` synthetic recording written a minute at a time (16-bit WAV); its transcript."""
     import soundfile as sf
 
-    from ctclab.speech import load_acoustic_model, prepare_text, read_audio, windowed_log_probs
-    from ctclab.speech.corpus import align_log_probs
+    texts = []
+    with sf.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
+        for k in range(int(round(minutes))):
+            audio, text = synthetic(60.0, 1000 + k)
+            f.write(audio)
+            texts.append(text)
+    return " ".join(texts)
 
-    audio, text = synthetic(minutes * 60, 7)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "long.wav"
-        sf.write(path, audio, RATE, subtype="PCM_16")
-        del audio
-        model = load_acoustic_model(model_dir, device=device)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        t0 = time.perf_counter()
-        wave = read_audio(path, RATE)
-        lp = windowed_log_probs(model, [wave], batch_seconds=batch_seconds)[0]
-        t_emit = time.perf_counter() - t0
-        after_emit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        prepared = prepare_text(text, model.vocabulary, model.blank, model.word_delimiter)
-        t0 = time.perf_counter()
-        words, _ = align_log_probs(lp, prepared, model.blank, model.vocabulary, model.frame_shift)
-        t_align = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    hours = minutes / 60
-    print(f"one {minutes:g}-minute recording (T={lp.shape[0]} frames, {len(prepared.targets)} target tokens, "
+
+def long_recording(model_dir: str, audio: str, device: str, batch_seconds: float) -> None:
+    """In a fresh process: one recording through align_audio's steps; times and peak memory
+    (the peak resident set, VmHWM, reset after the model is loaded)."""
+    from ctclab.speech import load_acoustic_model, prepare_text, read_audio, windowed_log_probs
+    from ctclab.speech import corpus
+
+    text = Path(audio).with_suffix(".txt").read_text()
+    model = load_acoustic_model(model_dir, device=device)
+    windowed_log_probs(model, [torch.zeros(RATE)])  # warm-up
+    corpus.align_log_probs(windowed_log_probs(model, [torch.zeros(RATE * 5)])[0],
+                           prepare_text("A B", model.vocabulary, model.blank, "|"), model.blank, model.vocabulary, 0.02)
+    base = status_mb("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # the peak resident set from here on
+    t0 = time.perf_counter()
+    wave = read_audio(audio, RATE)
+    lp = windowed_log_probs(model, [wave], batch_seconds=batch_seconds)[0]
+    t_emit = time.perf_counter() - t0
+    after_emit = status_mb("VmHWM:")
+    prepared = prepare_text(text, model.vocabulary, model.blank, model.word_delimiter)
+    calls = {}
+
+    def timed(name, function):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = function(*a, **k)
+            calls[name] = calls.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return run
+
+    corpus.forced_align = timed("viterbi", corpus.forced_align)
+    corpus.alignment_posteriors = timed("posteriors", corpus.alignment_posteriors)
+    t0 = time.perf_counter()
+    words, _ = corpus.align_log_probs(lp, prepared, model.blank, model.vocabulary, model.frame_shift)
+    t_align = time.perf_counter() - t0
+    peak = status_mb("VmHWM:")
+    hours = len(wave) / RATE / 3600
+    print(f"one {hours * 60:.0f}-minute recording (T={lp.shape[0]} frames, {len(prepared.targets)} target tokens, "
           f"{len(words)} words): emissions {t_emit:.1f} s ({hours / t_emit:.4f} h audio/s), alignment {t_align:.1f} s "
-          f"({hours / t_align:.3f} h audio/s); peak RSS {peak:.0f} MB (after loading the model {base:.0f} MB, "
-          f"after the emissions {after_emit:.0f} MB)")
+          f"({hours / t_align:.4f} h audio/s: Viterbi {calls.get('viterbi', 0):.1f} s, posteriors {calls.get('posteriors', 0):.1f} s); "
+          f"peak RSS {peak:.0f} MB ({peak - base:+.0f} MB over the {base:.0f} MB of the loaded model and libraries; "
+          f"{after_emit - base:+.0f} MB after reading the audio and the emissions)")
 
 
 def main() -> None:
@@ -210,12 +239,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all)")
     parser.add_argument("--torchaudio-python", help="an interpreter with torchaudio (e.g. /tmp/ta-venv/bin/python)")
-    parser.add_argument("--long-only", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # the fresh process of step 3
+    parser.add_argument("--no-corpus", action="store_true", help="only the long recording")
+    parser.add_argument("--long-only", nargs=2, metavar=("MODEL_DIR", "AUDIO"), help=argparse.SUPPRESS)  # step 3's process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.long_only:
-        long_recording(args.long_only, args.long_minutes, args.device, args.batch_seconds)
+        long_recording(*args.long_only, args.device, args.batch_seconds)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -224,16 +254,19 @@ def main() -> None:
         build_model(model_dir, args.layers)
         print(f"model: wav2vec2-base widths, {args.layers} transformer layers, random weights; device {args.device}; "
               f"torch threads {torch.get_num_threads()}")
-        corpus_benchmark(args, model_dir, work)
+        if not args.no_corpus:
+            corpus_benchmark(args, model_dir, work)
         if args.long_minutes > 0:
-            env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads)) if args.threads else None
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", **({"NUMBA_NUM_THREADS": str(args.threads)} if args.threads else {}))
+            audio = work / "long.wav"
+            audio.with_suffix(".txt").write_text(write_long_recording(audio, args.long_minutes))
             if args.long_model == "narrow":
                 model_dir = work / "narrow"
                 model_dir.mkdir()
                 build_model(model_dir, 2, narrow=True)
             print(f"long recording's model: {'32 channels, 2 layers, wav2vec2-base strides' if args.long_model == 'narrow' else 'the same'}",
                   flush=True)
-            subprocess.run([sys.executable, __file__, "--long-only", str(model_dir), "--long-minutes", str(args.long_minutes),
+            subprocess.run([sys.executable, __file__, "--long-only", str(model_dir), str(audio),
                             "--device", args.device, "--batch-seconds", str(args.batch_seconds)]
                            + (["--threads", str(args.threads)] if args.threads else []), check=True, env=env)
 

@@ -555,9 +555,10 @@ def _shard(text: str) -> tuple[int, int]:
 def _audio_usage(args: argparse.Namespace) -> None:
     """The usage errors of ``align --model``, before anything is loaded."""
     for flag, given in (("--lengths", args.lengths), ("--batch-first", args.batch_first), ("--log-softmax", args.log_softmax),
-                        ("--confidence", args.confidence), ("--case", args.case != "keep")):
+                        ("--case", args.case != "keep"),
+                        ("--frame-shift", args.frame_shift != 0.02)):
         if given:
-            raise _usage(f"{flag} is for EMISSIONS files, not --model (confidences are always computed; case follows the model)")
+            raise _usage(f"{flag} is for EMISSIONS files, not --model (case and frame shift follow the model)")
     if args.manifest is not None:
         if args.emissions is not None:
             raise _usage(f"give an audio file or --manifest, not both (got {args.emissions!r})")
@@ -619,7 +620,7 @@ def _align_audio(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise CommandError(str(error)) from None
     options = dict(window=args.window, context=args.context, batch_seconds=args.batch_seconds, star=args.star,
-                   romanize=args.romanize)
+                   romanize=args.romanize, confidence=args.confidence is not False)
     if args.manifest is not None:
         items = speech.read_manifest(args.manifest)
         progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -761,7 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--star", type=_finite(), metavar="PENALTY",
                    help="wildcard at start and end: audio the text lacks is absorbed there")
     a.add_argument("--case", choices=["keep", "upper", "lower"], default="keep", help="change the text's case before lookup")
-    a.add_argument("--confidence", action="store_true", help="add posterior-based confidences (forward-backward)")
+    a.add_argument("--confidence", action=argparse.BooleanOptionalAction, default=None,
+                   help="add posterior-based confidences (forward-backward; default: off for EMISSIONS, on with --model)")
     a.add_argument("--utterance", default=None, help="utterance id for CTM/JSON and --out-dir file names (default utt; "
                                                       "with --model the audio file's stem); several utterances are ID-1, ID-2, ...")
     speech = a.add_argument_group("from audio (--model; needs pip install 'ctclab[speech]')")

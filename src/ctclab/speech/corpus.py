@@ -37,7 +37,7 @@ from .windows import BATCH_SECONDS, CONTEXT_SECONDS, WINDOW_SECONDS, windowed_lo
 #: Viterbi backpointers above this many trellis cells (2 bits each) are checkpointed
 CHECKPOINT_CELLS = 1 << 30
 #: posteriors of the whole trellis up to this many cells (8 bytes each), else in segments
-POSTERIOR_CELLS = 1 << 25
+POSTERIOR_CELLS = 1 << 23
 POSTERIOR_SEGMENT_FRAMES = 1500
 FAILURES = "failures.jsonl"
 
@@ -386,7 +386,7 @@ def align_corpus(
     model: AcousticModel, items: Sequence[CorpusItem] | str | os.PathLike, out_dir: str | os.PathLike, *,
     formats: Sequence[str] = ("json",), resume: bool = False, shard: tuple[int, int] | None = None,
     batch_seconds: float = BATCH_SECONDS, window: float = WINDOW_SECONDS, context: float = CONTEXT_SECONDS,
-    star: float | None = None, star_penalty: float = DEFAULT_STAR_PENALTY, romanize: bool = False,
+    star: float | None = None, star_penalty: float = DEFAULT_STAR_PENALTY, romanize: bool = False, confidence: bool = True,
     plot_dir: str | os.PathLike | None = None, progress: bool = False, on_item: Callable[[str], None] | None = None,
 ) -> CorpusSummary:
     """Align every item of a manifest (or of a list of :class:`CorpusItem`) and write
@@ -405,7 +405,8 @@ def align_corpus(
             some outputs get only the missing ones.
         shard: ``(I, N)``: this process's share (:func:`shard_of`); None: everything.
         batch_seconds, window, context: as :func:`ctclab.speech.windows.windowed_log_probs`.
-        star, star_penalty, romanize: as :func:`align_audio`.
+        star, star_penalty, romanize, confidence: as :func:`align_audio` (without confidences
+            the JSON's ``confidence`` is null).
         plot_dir: also draw each item's picture there (``<id>.png``).
         progress: a progress bar on standard error.
         on_item: called with each id once its outputs are written (or it failed).
@@ -471,7 +472,7 @@ def align_corpus(
                 prepared = prepare_text(item.text, model.vocabulary, model.blank, model.word_delimiter,
                                         star_ends=star is not None, romanize=romanize)
                 result = _result(model, item.id, str(item.audio), len(wave), item.text, prepared, lp,
-                                 star if star is not None else star_penalty, True, "plot" in wanted)
+                                 star if star is not None else star_penalty, confidence, "plot" in wanted)
             except ValueError as error:
                 _fail(summary, failures, item, str(error).splitlines()[0], bar, on_item)
                 continue

@@ -462,3 +462,19 @@ def test_romanize_without_uroman_says_how_to_install(hf):
     else:  # romanised: aligned as letters, not as a wildcard
         assert not prepare_text("кошка", hf.vocabulary, hf.blank, romanize=True).words[0].wildcard
     assert prepare_text("кошка", hf.vocabulary, hf.blank).words[0].wildcard  # without romanize: a wildcard
+
+
+def test_batched_alignment_equals_one_recording_at_a_time(hf):
+    from ctclab.speech.corpus import AlignmentError, align_many
+
+    waves = [torch.from_numpy(speechlike(s, seed=k)) for k, s in enumerate((2.0, 3.5, 1.2, 0.1))]
+    texts = ["Hello, world!", "one two three 44.1 four", "short", "too many words for a tenth of a second"]
+    items = [(lp, prepare_text(t, hf.vocabulary, hf.blank, hf.word_delimiter)) for lp, t in zip(windowed_log_probs(hf, waves), texts)]
+    together = align_many(items, hf.blank, hf.vocabulary, hf.frame_shift)
+    assert isinstance(together[3], AlignmentError) and "needs at least" in str(together[3])
+    for item, batched in zip(items[:3], together[:3]):
+        (alone,) = align_many([item], hf.blank, hf.vocabulary, hf.frame_shift)
+        assert [(w.text, w.start, w.end) for w in batched[0]] == [(w.text, w.start, w.end) for w in alone[0]]
+        assert [(t.token, t.start, t.end) for t in batched[1]] == [(t.token, t.start, t.end) for t in alone[1]]
+        for a, b in zip(batched[0], alone[0]):
+            assert a.score == pytest.approx(b.score, rel=1e-5) and a.confidence == pytest.approx(b.confidence, rel=1e-5, abs=1e-9)

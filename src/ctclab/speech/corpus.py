@@ -129,44 +129,104 @@ def _segment_posteriors(log_probs: Tensor, targets: Tensor, ali: Alignment, star
     return out
 
 
+def _check_fits(frames: int, prepared: PreparedText, frame_shift: float) -> None:
+    if not prepared.alignable and not prepared.has_star:
+        raise AlignmentError("nothing in the transcript is in the model's vocabulary")
+    need = _required_frames(prepared.targets)
+    if need > frames:
+        raise AlignmentError(f"the transcript needs at least {need} frames ({need * frame_shift:.2f} s: one per token, "
+                             f"one more between repeated tokens) but the audio gives {frames} ({frames * frame_shift:.2f} s)")
+
+
+def _groups(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of ``(frames, states)`` items in batches of at most :data:`POSTERIOR_CELLS` padded
+    trellis cells (at least one item each), similar lengths together."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * max(sizes[j][0] for j in g + [i]) * max(sizes[j][1] for j in g + [i]) <= POSTERIOR_CELLS:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def align_many(
+    items: Sequence[tuple[Tensor, PreparedText]], blank: int, vocabulary: Sequence[str], frame_shift: float, *,
+    star_penalty: float = DEFAULT_STAR_PENALTY, confidence: bool = True,
+) -> list[tuple[list[WordSpan], list[TokenSpan]] | AlignmentError]:
+    """Words and tokens of each recording's ``(T, C)`` log-probs aligned to its prepared
+    transcript (:func:`ctclab.speech.text.prepare_text`), recordings of similar lengths in one
+    batched :func:`ctclab.forced_align` and :func:`ctclab.alignment_posteriors` call.
+    ``vocabulary``: the model's tokens (the log-probs must have one class each); ``blank`` its
+    blank; ``frame_shift`` seconds per frame.
+
+    Returns:
+        Per item ``(words, tokens)``, or the :class:`AlignmentError` saying why it cannot be
+        aligned (more tokens than frames, no path of non-zero probability, nothing alignable).
+    """
+    results: list = [None] * len(items)
+    fits = []
+    for i, (lp, prepared) in enumerate(items):
+        if lp.dim() != 2 or lp.shape[1] != len(vocabulary):
+            raise ValueError(f"log_probs of item {i} must be (T, {len(vocabulary)}) for the vocabulary's {len(vocabulary)} tokens, "
+                             f"got shape {tuple(lp.shape)}")
+        try:
+            _check_fits(lp.shape[0], prepared, frame_shift)
+            fits.append(i)
+        except AlignmentError as error:
+            results[i] = error
+    sizes = [(items[i][0].shape[0], 2 * len(items[i][1].targets) + 1) for i in fits]
+    for group in _groups(sizes):
+        members = [fits[g] for g in group]
+        lps = [items[i][0] for i in members]
+        rows = [items[i][1].targets for i in members]
+        T, C, S = max(lp.shape[0] for lp in lps), lps[0].shape[1], max(len(r) for r in rows)
+        log_probs = torch.full((T, len(members), C), -math.log(C))  # beyond an item's length: never read
+        targets = torch.full((len(members), S), 1 if blank != 1 else 0, dtype=torch.long)
+        for b, (lp, row) in enumerate(zip(lps, rows)):
+            log_probs[: lp.shape[0], b] = lp
+            targets[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        lengths = torch.tensor([lp.shape[0] for lp in lps])
+        target_lengths = torch.tensor([len(r) for r in rows])
+        star = star_penalty if any(STAR in r for r in rows) else None
+        every = math.isqrt(T) + 1 if T * (2 * S + 1) > CHECKPOINT_CELLS else None
+        ali = forced_align(log_probs, targets, lengths, target_lengths, blank=blank, star=star, skip_infeasible=True,
+                           checkpoint_every=every)
+        posteriors = None
+        if confidence and len(members) == 1 and T * (2 * S + 1) > POSTERIOR_CELLS:  # one long recording
+            posteriors = _segment_posteriors(log_probs[:, 0], targets[0], ali.item(0), star)[None]
+        elif confidence:
+            posteriors = alignment_posteriors(log_probs, targets, ali, lengths, target_lengths, star=star)
+        for b, (i, spans) in enumerate(zip(members, token_spans(ali, posteriors=posteriors))):
+            if not bool(ali.aligned[b]):
+                results[i] = AlignmentError("every alignment of the transcript has probability 0 under the model's emissions")
+                continue
+            prepared = items[i][1]
+            assert len(spans) == len(prepared.targets), "the path visits every target token once"
+            words: list[list[TokenSpan]] = [[] for _ in prepared.words]
+            for span, w in zip(spans, prepared.word_index):
+                if w >= 0:
+                    words[w].append(span)
+            results[i] = ([dataclasses.replace(word_of(g, None, frame_shift), text=word.text)
+                           for g, word in zip(words, prepared.words)], spans)
+    return results
+
+
 def align_log_probs(
     log_probs: Tensor, prepared: PreparedText, blank: int, vocabulary: Sequence[str], frame_shift: float, *,
     star_penalty: float = DEFAULT_STAR_PENALTY, confidence: bool = True,
 ) -> tuple[list[WordSpan], list[TokenSpan]]:
-    """Words and tokens of one recording's ``(T, C)`` log-probs aligned to a prepared
-    transcript (:func:`ctclab.speech.text.prepare_text`).
+    """Words and tokens of one recording's ``(T, C)`` log-probs: :func:`align_many` of one.
 
     Raises:
-        AlignmentError: the transcript needs more frames than there are, or no path has
-            non-zero probability, or there is nothing alignable.
+        AlignmentError: the recording cannot be aligned to the transcript.
     """
-    if not prepared.alignable and not prepared.has_star:
-        raise AlignmentError("nothing in the transcript is in the model's vocabulary")
-    T = log_probs.shape[0]
-    need = _required_frames(prepared.targets)
-    if need > T:
-        raise AlignmentError(f"the transcript needs at least {need} frames ({need * frame_shift:.2f} s: one per token, "
-                             f"one more between repeated tokens) but the audio gives {T} ({T * frame_shift:.2f} s)")
-    targets = torch.tensor(prepared.targets, dtype=torch.long)
-    star = star_penalty if prepared.has_star else None
-    cells = T * (2 * len(targets) + 1)
-    every = math.isqrt(T) + 1 if cells > CHECKPOINT_CELLS else None
-    ali = forced_align(log_probs, targets, blank=blank, star=star, skip_infeasible=True, checkpoint_every=every)
-    if not bool(ali.aligned):
-        raise AlignmentError("every alignment of the transcript has probability 0 under the model's emissions")
-    posteriors = None
-    if confidence:
-        posteriors = (alignment_posteriors(log_probs, targets, ali, star=star) if cells <= POSTERIOR_CELLS
-                      else _segment_posteriors(log_probs, targets, ali, star))
-    spans = token_spans(ali, posteriors=posteriors)[0]
-    assert len(spans) == len(prepared.targets), "the path visits every target token once"
-    words: list[list[TokenSpan]] = [[] for _ in prepared.words]
-    for span, w in zip(spans, prepared.word_index):
-        if w >= 0:
-            words[w].append(span)
-    out = [dataclasses.replace(word_of(group, None, frame_shift), text=word.text)
-           for group, word in zip(words, prepared.words)]
-    return out, spans
+    result = align_many([(log_probs, prepared)], blank, vocabulary, frame_shift, star_penalty=star_penalty, confidence=confidence)[0]
+    if isinstance(result, AlignmentError):
+        raise result
+    return result
 
 
 def align_audio(
@@ -202,14 +262,14 @@ def align_audio(
     prepared = prepare_text(text, model.vocabulary, model.blank, model.word_delimiter, star_ends=star is not None,
                             romanize=romanize)
     log_probs = windowed_log_probs(model, [waveform], window=window, context=context, batch_seconds=batch_seconds)[0]
-    return _result(model, id, name, len(waveform), text, prepared, log_probs,
-                   star if star is not None else star_penalty, confidence, keep_log_probs)
+    aligned = align_log_probs(log_probs, prepared, model.blank, model.vocabulary, model.frame_shift,
+                              star_penalty=star if star is not None else star_penalty, confidence=confidence)
+    return _result(model, id, name, len(waveform), text, aligned, log_probs, keep_log_probs)
 
 
-def _result(model: AcousticModel, id: str, audio: str | None, samples: int, text: str, prepared: PreparedText,
-            log_probs: Tensor, star_penalty: float, confidence: bool, keep: bool) -> AudioAlignment:
-    words, tokens = align_log_probs(log_probs, prepared, model.blank, model.vocabulary, model.frame_shift,
-                                    star_penalty=star_penalty, confidence=confidence)
+def _result(model: AcousticModel, id: str, audio: str | None, samples: int, text: str, aligned: tuple,
+            log_probs: Tensor, keep: bool) -> AudioAlignment:
+    words, tokens = aligned
     return AudioAlignment(id, audio, samples / model.sample_rate, text, words, tokens, model.vocabulary,
                           model.frame_shift, log_probs if keep else None)
 
@@ -462,20 +522,25 @@ def align_corpus(
                     log_probs += windowed_log_probs(model, [wave], window=window, context=context, batch_seconds=batch_seconds)
                 except ValueError as error:
                     log_probs.append(error)
+        ready = []  # (item, wanted, wave, log_probs, prepared text)
         for (item, wanted), wave, lp in zip(group, waves, log_probs):
             if isinstance(lp, ValueError):
                 _fail(summary, failures, item, f"{item.audio}: {str(lp).splitlines()[0]}", bar, on_item)
                 continue
-            if delay:
-                time.sleep(delay)
             try:
-                prepared = prepare_text(item.text, model.vocabulary, model.blank, model.word_delimiter,
-                                        star_ends=star is not None, romanize=romanize)
-                result = _result(model, item.id, str(item.audio), len(wave), item.text, prepared, lp,
-                                 star if star is not None else star_penalty, confidence, "plot" in wanted)
+                ready.append((item, wanted, wave, lp, prepare_text(item.text, model.vocabulary, model.blank, model.word_delimiter,
+                                                                   star_ends=star is not None, romanize=romanize)))
             except ValueError as error:
                 _fail(summary, failures, item, str(error).splitlines()[0], bar, on_item)
+        alignments = align_many([(lp, prepared) for _, _, _, lp, prepared in ready], model.blank, model.vocabulary, model.frame_shift,
+                                star_penalty=star if star is not None else star_penalty, confidence=confidence)
+        for (item, wanted, wave, lp, _), aligned in zip(ready, alignments):
+            if delay:
+                time.sleep(delay)
+            if isinstance(aligned, AlignmentError):
+                _fail(summary, failures, item, str(aligned).splitlines()[0], bar, on_item)
                 continue
+            result = _result(model, item.id, str(item.audio), len(wave), item.text, aligned, lp, "plot" in wanted)
             for f in wanted:
                 if f == "plot":
                     from .plot import plot_audio_alignment

@@ -96,7 +96,7 @@ def ctc_forward_kernel(
         # the states a complete path can occupy at frame t (module docstring)
         lo = tl.maximum(Sb - 2 * (Tb - t), 0)
         hi = tl.minimum(2 * t + 2, Sb)
-        for k in range(lo // BLOCK, tl.cdiv(hi, BLOCK)):
+        for k in range(lo // BLOCK, (hi + BLOCK - 1) // BLOCK):  # not tl.cdiv: a jit call costs the interpreter ms
             s = k * BLOCK + lane
             entry = tl.load(entry_b + s) * term
             if t == 0:  # the initial weights: start states, entered at frame 0
@@ -171,7 +171,7 @@ def ctc_backward_kernel(
         term = -delay * (t + 1 - half)  # on the moves into frame t + 1
         lo = tl.maximum(Sb - 2 * (Tb - t), 0)
         hi = tl.minimum(2 * t + 2, Sb)
-        for k in range(lo // BLOCK, tl.cdiv(hi, BLOCK)):
+        for k in range(lo // BLOCK, (hi + BLOCK - 1) // BLOCK):  # not tl.cdiv: a jit call costs the interpreter ms
             s = k * BLOCK + lane
             if i == 0:  # the item's last frame: its final states
                 final = (tl.load(flags_ptr + b * W + s) & _FINAL) != 0
@@ -195,9 +195,9 @@ def ctc_backward_kernel(
             tl.store(row + s, tl.where(beta == float("-inf"), float("-inf"), beta + y).to(acc_ty))
         if GRADIENT:
             tl.debug_barrier()  # the frame's posteriors complete before they are summed per class
-            carry = tl.zeros((), acc_ty)
+            carry = tl.zeros((BLOCK,), acc_ty)  # the last lane's sum, in every lane (a gather, not a jit'd tl.sum)
             grad_t = grad_ptr + t * stride_dt + b * stride_db
-            for k in range(0, tl.cdiv(Sb, BLOCK)):
+            for k in range(0, (Sb + BLOCK - 1) // BLOCK):
                 j = k * BLOCK + lane
                 state = tl.load(order_ptr + b * W + j)
                 code = tl.load(sorted_ptr + b * W + j)
@@ -213,13 +213,13 @@ def ctc_backward_kernel(
                 ends = ((code >> _LAST) & 1) != 0  # the last state of its class writes it (never a padding state)
                 tl.store(grad_t + (code & _CLASS_MASK).to(tl.int64) * stride_dc,
                          (scale * total).to(grad_ptr.dtype.element_ty), mask=ends)
-                carry = tl.sum(tl.where(lane == BLOCK - 1, total, 0.0), 0)
+                carry = tl.gather(total, tl.full((BLOCK,), BLOCK - 1, tl.int32), 0)
         tl.debug_barrier()  # frame t complete before frame t - 1 reads it
     # an item that read a NaN: NaN on its frames (every class of the gradient, every state of the posteriors)
     nan_frames = tl.where(wanted & nan_item, Tb, 0)
     width = C if GRADIENT else S
     for t in range(0, nan_frames):
-        for k in range(0, tl.cdiv(width, BLOCK)):
+        for k in range(0, (width + BLOCK - 1) // BLOCK):
             j = k * BLOCK + lane
             if GRADIENT:
                 tl.store(grad_ptr + t * stride_dt + b * stride_db + j.to(tl.int64) * stride_dc,

@@ -115,9 +115,9 @@ def test_checkpoint_every_gives_the_same_paths(every, block, monkeypatch):
 
 
 def test_long_targets_on_tiles_smaller_than_the_target(monkeypatch):
-    """A few hundred states on tiles of 32: item 0 (301 states, 160 frames)
-    has a narrow band that moves across its 10 tiles; item 1 (41 states, 50 frames) a band two
-    tiles wide."""
+    """A few hundred states on tiles of 32, checkpoints every 16 frames (each segment recomputed
+    in a window of at most 33 states): item 0 (301 states, 160 frames) has a narrow band that
+    moves across its 10 tiles; item 1 (41 states, 50 frames) a band two tiles wide."""
     monkeypatch.setattr(triton_gpu, "MAX_BLOCK", 32)
     T, C = 160, 6
     g = torch.Generator().manual_seed(7)
@@ -127,7 +127,7 @@ def test_long_targets_on_tiles_smaller_than_the_target(monkeypatch):
     targets[0] = steps.cumsum(0) % (C - 1) + 1  # no repeats: 150 labels fit 160 frames
     il, tl = torch.tensor([T, 50]), torch.tensor([150, 20])
     assert triton_gpu._block(301)[0] == 32
-    got, want = _align_both(log_probs, targets, il, tl, delay_penalty=0.01)
+    got, want = _align_both(log_probs, targets, il, tl, delay_penalty=0.01, checkpoint_every=16)
     assert bool(want.aligned.all())
     _assert_same(got, want)
 

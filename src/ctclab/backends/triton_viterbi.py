@@ -39,10 +39,12 @@ Equal-score paths therefore give the CPU kernel's path wherever the sums are exa
 Memory per item with ``S = 2L + 1`` states and ``T`` frames: ``T * ceil(S / 4)`` bytes of
 backpointers plus two score rows (and the band, 16 bytes a frame). With ``checkpoint_every = K``
 the forward pass keeps the score row at the end of every K-frame segment, and the backtrace
-recomputes each earlier segment's backpointers from the checkpoint before it, then traces it
-(about 2x the forward work): ``K * ceil(S / 4)`` bytes plus ``(T / K) * S * 4`` bytes of
-checkpoints (8 for float64), bounded for long audio (T = 30000, L = 8000: 120 MB of
-backpointers without, ~12 MB with K = 173 ≈ sqrt(T)).
+recomputes each earlier segment's backpointers from the checkpoint before it, then traces it.
+The recomputation visits only the states a path ending where the traced path ends the segment
+can pass through (at most ``2K + 1`` a frame, ``~K^2`` a segment): about ``K / S`` of a forward
+pass more. Memory: ``K * ceil(S / 4)`` bytes plus ``(T / K) * S * 4`` bytes of checkpoints (8
+for float64), bounded for long audio (T = 30000, L = 8000: 120 MB of backpointers without,
+~12 MB with K = 173 ≈ sqrt(T)).
 
 Compared with torchaudio's CUDA aligner (``torchaudio.functional.forced_align``,
 ``falign_cuda_step_kernel``): it takes one item (batch size 1) and launches one step kernel per
@@ -101,16 +103,24 @@ def _lanes(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _frames(t_begin, t_end, prev, plo, phi, save, item_data, graph, tile0, lanes,
-            ONE_TILE: tl.constexpr, UNIT: tl.constexpr, DELAY: tl.constexpr, BLOCK: tl.constexpr):
+def _frames(t_begin, t_end, prev, plo, phi, end_state, item_data, graph, tile0, lanes,
+            RECOMPUTE: tl.constexpr, ONE_TILE: tl.constexpr, UNIT: tl.constexpr, DELAY: tl.constexpr,
+            BLOCK: tl.constexpr):
     """Frames ``[t_begin, t_end)`` of the recursion from the row at offset ``prev`` (band ``[plo,
     phi)``; not read when ``t_begin`` is 0), over the tiles (:func:`_tile_graph`) that hold each
     frame's band ``[lo, hi)`` (``tile0``: the item's first tile, loaded once; the only one with
-    ``ONE_TILE``). Each frame writes the scores of its band into row ``t % 2``, or with ``save``
-    into the checkpoint row of the segment it ends, and each state's winning move into packed
-    row ``t % Kb``. Offsets within a tile (``lanes``) are compared with scalar bounds (fewer
-    vector operations); the recursion is inline (a call costs the interpreter more than the
-    frame). Returns the last row's offset and band."""
+    ``ONE_TILE``). Each frame writes the scores of its band into row ``t % 2`` — on the forward
+    pass into the checkpoint row of the segment it ends, if it ends one — and each state's
+    winning move into packed row ``t % Kb``.
+
+    ``RECOMPUTE``: a segment again, from its checkpoint, for the backtrace: only in the states a
+    path ending in ``end_state`` at frame ``t_end - 1`` can pass through, ``[end_state - 2 (t_end
+    - 1 - t), end_state]`` at frame t (a move goes at most two states on; the moves into them come
+    from the same window a frame before, so their scores and codes are those of the whole band).
+
+    Offsets within a tile (``lanes``) are compared with scalar bounds (fewer vector operations);
+    the recursion is inline (a call costs the interpreter more than the frame). Returns the last
+    row's offset and band."""
     lp_item, stride_t, stride_c, scores_ptr, rows, packed_item, band_item, term_ptr, b, B, Sb, Tb, Kb, G = item_data
     j, shift, groups = lanes
     neg = float("-inf")
@@ -119,8 +129,13 @@ def _frames(t_begin, t_end, prev, plo, phi, save, item_data, graph, tile0, lanes
         hi = tl.load(band_item + 2 * t + 1)
         first = t == 0
         phi = tl.where(first, plo, phi)  # frame 0 has no previous frame: every move reads -inf
-        ends_segment = ((t + 1) % Kb == 0) & (t + 1 < Tb) & save
-        cur = tl.where(ends_segment, rows + (1 + (t + 1) // Kb) * Sb, rows + (t % 2) * Sb)
+        cur = rows + (t % 2) * Sb
+        if RECOMPUTE:
+            lo = tl.maximum(lo, end_state - 2 * (t_end - 1 - t))
+            hi = tl.minimum(hi, end_state + 1)
+        else:
+            ends_segment = ((t + 1) % Kb == 0) & (t + 1 < Tb)
+            cur = tl.where(ends_segment, rows + (1 + (t + 1) // Kb) * Sb, cur)
         term = 0.0
         if DELAY:  # the delay penalty's entry term at this frame
             term = tl.load(term_ptr + tl.cast(t, tl.int64) * B + b)
@@ -207,7 +222,8 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
         # "previous" row and band are not read
         lo = tl.load(band_item)
         hi = tl.load(band_item + 1)
-        last, plo, phi = _frames(0, Tb, rows, lo, hi, True, item_data, graph, tile0, lanes, ONE_TILE, UNIT, DELAY, BLOCK)
+        last, plo, phi = _frames(0, Tb, rows, lo, hi, Sb, item_data, graph, tile0, lanes, False, ONE_TILE, UNIT, DELAY,
+                                 BLOCK)
         # the best final state of the last frame; ties: the highest
         best = tl.full((), float("-inf"), tile0[1].dtype)
         state = tl.full((), -1, tl.int64)
@@ -230,8 +246,8 @@ def _viterbi_kernel(lp_ptr, stride_t, stride_b, stride_c, labels_ptr, moves_ptr,
             if i > 0:  # an earlier segment: its backpointers again, from the checkpoint before it
                 plo = tl.load(band_item + 2 * tl.maximum(start - 1, 0))
                 phi = tl.load(band_item + 2 * tl.maximum(start - 1, 0) + 1)
-                _frames(start, stop, rows + (1 + segment) * Sb, plo, phi, False, item_data, graph, tile0, lanes,
-                        ONE_TILE, UNIT, DELAY, BLOCK)
+                _frames(start, stop, rows + (1 + segment) * Sb, plo, phi, state, item_data, graph, tile0, lanes,
+                        True, ONE_TILE, UNIT, DELAY, BLOCK)
             for back in range(0, stop - start):  # the backtrace, one frame at a time
                 t = stop - 1 - back
                 tl.store(states_ptr + b * T + t, state.to(tl.int64))

@@ -91,7 +91,7 @@ def ctc_forward_kernel(
     for t in range(0, Tb):
         row = alpha_b + (t % rows) * (W + 2)
         previous = alpha_b + ((t + rows - 1) % rows) * (W + 2)
-        lp_t = lp_b + t * stride_lt
+        lp_t = lp_b + (t + b * 0) * stride_lt  # in int64, like b: T B C may pass 2^31
         term = -delay * (t - half)
         # the states a complete path can occupy at frame t (module docstring)
         lo = tl.maximum(Sb - 2 * (Tb - t), 0)
@@ -166,6 +166,7 @@ def ctc_backward_kernel(
     half = Tb.to(acc_ty) / 2
     for i in range(0, frames):
         t = Tb - 1 - i
+        t64 = t + b * 0  # in int64, like b: offsets of T B C or T B S elements may pass 2^31
         row = alpha_b + t * (W + 2)
         ahead = row + (W + 2)  # beta + emission of frame t + 1
         term = -delay * (t + 1 - half)  # on the moves into frame t + 1
@@ -189,14 +190,14 @@ def ctc_backward_kernel(
             if GRADIENT:
                 tl.store(gamma_b + s, gamma)
             else:
-                tl.store(gamma_b + t * stride_gt + s, gamma, mask=s < S)
-            y = tl.load(lp_b + t * stride_lt + tl.load(labels_b + s).to(tl.int64) * stride_lc).to(acc_ty)
+                tl.store(gamma_b + t64 * stride_gt + s, gamma, mask=s < S)
+            y = tl.load(lp_b + t64 * stride_lt + tl.load(labels_b + s).to(tl.int64) * stride_lc).to(acc_ty)
             y = tl.where(y < NEG, NEG, y)
             tl.store(row + s, tl.where(beta == float("-inf"), float("-inf"), beta + y).to(acc_ty))
         if GRADIENT:
             tl.debug_barrier()  # the frame's posteriors complete before they are summed per class
             carry = tl.zeros((BLOCK,), acc_ty)  # the last lane's sum, in every lane (a gather, not a jit'd tl.sum)
-            grad_t = grad_ptr + t * stride_dt + b * stride_db
+            grad_t = grad_ptr + t64 * stride_dt + b * stride_db
             for k in range(0, (Sb + BLOCK - 1) // BLOCK):
                 j = k * BLOCK + lane
                 state = tl.load(order_ptr + b * W + j)
@@ -206,7 +207,7 @@ def ctc_backward_kernel(
                 total = tl.load(gamma_b + state, mask=(state >= lo) & (state < hi), other=0.0)  # others: stale
                 # segmented inclusive sum (Hillis-Steele: log2(BLOCK) shifted adds, each within the
                 # lane's class; a fixed order of additions, so the same bits every run)
-                for step in tl.static_range(LOG_BLOCK):
+                for step in range(LOG_BLOCK):  # not unrolled: fewer registers
                     back = lane - (1 << step)
                     total += tl.where(back >= first, tl.gather(total, tl.maximum(back, 0), 0), 0.0)
                 total += tl.where(begins < 0, carry, 0.0)  # the class's sum over the earlier tiles
@@ -222,8 +223,8 @@ def ctc_backward_kernel(
         for k in range(0, (width + BLOCK - 1) // BLOCK):
             j = k * BLOCK + lane
             if GRADIENT:
-                tl.store(grad_ptr + t * stride_dt + b * stride_db + j.to(tl.int64) * stride_dc,
+                tl.store(grad_ptr + (t + b * 0) * stride_dt + b * stride_db + j.to(tl.int64) * stride_dc,
                          tl.full((BLOCK,), float("nan"), grad_ptr.dtype.element_ty), mask=j < width)
             else:
-                tl.store(gamma_b + t * stride_gt + j, tl.full((BLOCK,), float("nan"), gamma_ptr.dtype.element_ty),
+                tl.store(gamma_b + (t + b * 0) * stride_gt + j, tl.full((BLOCK,), float("nan"), gamma_ptr.dtype.element_ty),
                          mask=j < width)

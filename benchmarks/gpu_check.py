@@ -224,6 +224,7 @@ def loss_timing(table: Table, device: str, size: Sizes) -> None:
         problems.append((f"T,B,C,L={shape} ragged", ragged, {"builtin": native, "triton": ours}))
         if shape[3] <= 256:  # the cuDNN form's conditions (on a CPU tensor: the CPU kernel in that form)
             full = (ragged[0], ragged[1], torch.full_like(ragged[2], shape[0]), ragged[3])
+            # PyTorch falls back to its native kernel where cuDNN declines: "builtin-cudnn" is the form
             problems.append((f"T,B,C,L={shape} full-length", full,
                              {"builtin-cudnn": _cudnn_form(full), "builtin": native, "triton": ours}))
     hard = [(f"{case.name} T,B,C,L={(case.T, case.B, case.C, case.L)}",
@@ -307,7 +308,7 @@ def alignment(table: Table, device: str, size: Sizes) -> None:
         if TAF is None:
             table.add("forced_align", name, "torchaudio forced_align, looped", "skipped: torchaudio not installed", "-")
             continue
-        batch_first = x.transpose(0, 1)
+        batch_first = x.transpose(0, 1).contiguous()  # torchaudio takes (1, T, C) contiguous items
 
         def theirs(batch_first=batch_first, tg=tg):
             return [TAF.forced_align(batch_first[b : b + 1], tg[b : b + 1].int(), blank=0) for b in range(tg.shape[0])]

@@ -4,8 +4,9 @@ parallel over the batch.
 
 The forward pass computes the likelihood and, when a gradient will be needed, the posteriors;
 the backward pass returns them scaled (the true gradient, for any log-scores). Items whose
-underflow the kernels cannot bound are recomputed by the reference recursions in log space
-(:mod:`ctclab.trellis`), so results are those of the log-space recursion.
+underflow the probability-space kernels cannot bound are recomputed by the kernels' log-space
+forward-backward (float64, on the same thread), so results are those of the log-space
+recursion, at compiled speed whatever the scores.
 """
 from __future__ import annotations
 
@@ -17,16 +18,8 @@ from torch import Tensor
 
 from .._memory import check_memory, viterbi_bytes
 from ..graph import CTCGraph
-from ..trellis import class_posteriors, log_space_nll, state_posteriors
 from . import Backend, register
 from .common import DOUBLE_BACKWARD_ERROR, upstream, with_nan_items
-
-
-def _log_space_grad(trellis: CTCGraph, log_probs: Tensor) -> Tensor:
-    """``(T, B, C)`` posterior occupation of each class (= -d nll / d log_probs)."""
-    gamma = state_posteriors(trellis, trellis.emissions(log_probs))
-    return class_posteriors(trellis, gamma, log_probs.shape[2])
-
 
 #: Largest relative error from underflow (bounded by :func:`ctclab.backends.numba_kernels.forward_backward`) that an
 #: item may carry before it is recomputed in log space.
@@ -54,9 +47,15 @@ class _KernelState:
     The posteriors are computed at forward time when a gradient will be needed: the exactness
     check (:func:`ctclab.backends.numba_kernels.forward_backward`) needs the backward variables anyway, and an
     item's forward variables then live only in its thread's scratch buffer. Without a gradient
-    only items whose forward pass lost mass to underflow run the backward check."""
+    only items whose forward pass lost mass to underflow run the backward check.
 
-    def __init__(self, trellis: CTCGraph, log_probs: Tensor, need_grad: bool):
+    Attributes:
+        nll: ``(B,)`` negative log-likelihood in the scores' dtype.
+        log_space: ``(B,)`` bool, the items the kernels recomputed in log space.
+        nan: ``(B,)`` bool, items that read a NaN score (NaN loss and gradient).
+    """
+
+    def __init__(self, trellis: CTCGraph, log_probs: Tensor, need_grad: bool, per_state: bool = False):
         from . import numba_kernels
 
         C = log_probs.shape[2]
@@ -72,20 +71,14 @@ class _KernelState:
         # onto the classes in backward (a (T, B, C) buffer held from forward to backward would
         # double the loss's memory for vocabularies of thousands)
         self.compact = C > 2 * U
-        loglik, error, self.occupancy = self._run(need_grad)
-        # underflow that may matter, or a vanished score where a path exists: log space
-        self.redo = error > _MAX_UNDERFLOW_ERROR
-        vanished = loglik == -torch.inf
-        if bool(vanished.any()):
-            self.redo |= vanished & trellis.feasible
+        self.per_state = per_state
+        loglik, _, self.log_space, self.occupancy = self._run(need_grad)
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
-        nll = (-loglik).to(log_probs.dtype)
-        if bool(self.redo.any()):
-            nll[self.redo] = log_space_nll(trellis.select(self.redo), log_probs[:, self.redo])
-        self.nll = nll
+        self.nll = (-loglik).to(log_probs.dtype)
 
-    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """The kernels' log-likelihoods, error bounds and (with ``need_grad``) posteriors."""
+    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods, error bounds, log-space items and (with ``need_grad``)
+        posteriors in the scores' dtype: per class, or per state ``(T, B, S)`` with :attr:`per_state`."""
         import numba
 
         from . import numba_kernels
@@ -95,7 +88,8 @@ class _KernelState:
         S = trellis.labels.shape[1]
         U = self.classes.shape[1]
         columns = torch.arange(U).expand(B, U).contiguous() if self.compact else self.classes
-        shape = (T, B, U if self.compact else C) if need_grad else (0, 0, 0)
+        width = S if self.per_state else U if self.compact else C
+        shape = (T, B, width) if need_grad else (0, 0, 0)
         # scratch per thread, and no more threads than items: one long item needs one T x S buffer
         threads = max(1, min(numba.get_num_threads(), B))
         check_memory(
@@ -112,14 +106,15 @@ class _KernelState:
         all_threads = numba.get_num_threads()
         numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
         try:
-            loglik, error = map(torch.from_numpy, numba_kernels.forward_backward(
+            loglik, error, log_space = map(torch.from_numpy, numba_kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+                _MAX_UNDERFLOW_ERROR, self.per_state,
             ))
         finally:
             numba.set_num_threads(all_threads)
             numba.set_parallel_chunksize(chunk)
-        return loglik, error, occupancy
+        return loglik, error, log_space, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
@@ -127,7 +122,7 @@ class _KernelState:
         graph recomputes them."""
         from . import numba_kernels
 
-        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
+        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[3]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
         scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
         if self.compact:
@@ -137,10 +132,6 @@ class _KernelState:
             )
         else:
             grad = occupancy.mul_(scale[None, :, None])
-        redo = self.redo & (grad_nll != 0)
-        if bool(redo.any()):
-            sub = -_log_space_grad(self.trellis.select(redo), self.lp[:, redo])
-            grad[:, redo] = sub * grad_nll[redo].to(sub.dtype)[None, :, None]
         return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
 
 
@@ -175,6 +166,13 @@ def loss(graph: CTCGraph, log_probs: Tensor) -> Tensor:
     return _KernelCTC.apply(log_probs, graph)
 
 
+def posteriors(graph: CTCGraph, log_probs: Tensor) -> Tensor:
+    """``(T, B, S)`` state occupation (:func:`ctclab.trellis.state_posteriors`) by the kernels'
+    forward-backward, in the scores' dtype; items the probability-space bound cannot vouch for
+    by the log-space kernels. 0 beyond an item's frames and for impossible items."""
+    return _KernelState(graph, log_probs, need_grad=True, per_state=True).occupancy
+
+
 def _threads() -> int:
     import numba
 
@@ -203,6 +201,7 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
 
 
 BACKEND = register(Backend(
-    "numba", frozenset({"loss", "viterbi"}), devices=frozenset({"cpu"}), loss=loss, viterbi=viterbi,
+    "numba", frozenset({"loss", "viterbi", "posteriors"}), devices=frozenset({"cpu"}), loss=loss, viterbi=viterbi,
+    posteriors=posteriors,
     accepts=_delay_in_range, available=available, runs_on=frozenset({"cpu"}), priority=20, description="CPU kernels (numba), parallel over the batch",
 ))

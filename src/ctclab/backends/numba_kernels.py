@@ -286,9 +286,10 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
 
 
 @_item_jit
-def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy, write,
+def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy, write, per_state,
                 beta, weighted, entering, per_class):
-    r"""Backward pass of item ``b``: beta, and its posteriors into ``occupancy`` (when ``write``).
+    r"""Backward pass of item ``b``: beta, and its posteriors into ``occupancy``: per class (when
+    ``write``) or per state (``per_state``: ``occupancy`` ``(T, B, S)``).
     ``beta``, ``weighted``, ``entering`` ``(S + 2,)`` and ``per_class`` ``(U,)`` are the thread's
     scratch. Returns a bound on the relative error that underflow caused (see the module
     docstring; inf where a frame's ``z`` vanished).
@@ -333,6 +334,11 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy,
         error += TINY * (alpha_norm + beta_norm) / z
         inv_z = 1.0 / z
         per_class[blank] += blank_mass
+        if per_state:
+            for s in range(occupancy.shape[2]):
+                occupancy[t, b, s] = 0.0
+            for s in range(lo, hi):
+                occupancy[t, b, s] = alpha[t, s] * beta[s] * inv_z
         if write:
             for c in range(occupancy.shape[2]):  # columns of absent classes
                 occupancy[t, b, c] = 0.0
@@ -354,10 +360,277 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy,
     return error
 
 
+_SQRT2 = 1.4142135623730951
+_INV_ODD = tuple(1.0 / (2 * i + 1) for i in range(11))
+
+
+@numba.njit(inline="always")
+def _log_of_sum(x):
+    """``log(x)`` for ``x`` in ``[1, 3]`` (one plus two exps of non-positive numbers), to about
+    2e-16 absolute, without a branch or a libm call, so that LLVM vectorises the loop around
+    it: ``x = 2^k f`` with ``f`` in ``[1/sqrt 2, sqrt 2)``, then ``log f = 2 atanh(z) =
+    2 (z + z^3/3 + ... + z^21/21)``, ``z = (f-1)/(f+1)``, ``|z| < 0.172`` (the first term left
+    out is below 1e-18 relative)."""
+    first = x >= _SQRT2
+    f = x * 0.5 if first else x
+    second = f >= _SQRT2
+    f = f * 0.5 if second else f
+    k = (1.0 if first else 0.0) + (1.0 if second else 0.0)
+    z = (f - 1.0) / (f + 1.0)
+    z2 = z * z
+    c = _INV_ODD
+    p = c[10]
+    for i in range(9, -1, -1):
+        p = p * z2 + c[i]
+    return k * _LN2_HI + (2.0 * z * p + k * _LN2_LO)
+
+
+@numba.njit(inline="always")
+def _log_weight(weight):
+    return math.log(weight) if weight > 0.0 else -np.inf
+
+
+@_item_jit
+def _log_moves(b, g, Sb, weights):
+    """``weights (3, S + 2)``: the log-weights of the moves into item ``b``'s states, stay,
+    advance, skip (``-inf`` where a move does not exist; past the item's states too)."""
+    for s in range(weights.shape[1]):
+        inside = s < Sb
+        weights[0, s] = _log_weight(g.stay[b, s]) if inside else -np.inf
+        weights[1, s] = _log_weight(g.advance[b, s]) if inside else -np.inf
+        weights[2, s] = _log_weight(g.skip[b, s]) if inside else -np.inf
+
+
+@_item_jit
+def _log_sum3(n, terms, top, out, bits, power):
+    """``out[1, i] = top[i] + log(1 + exp(terms[i]) + exp(terms[n + i]))`` for ``i < n``: the
+    log-sum-exps of triples given by :func:`_split3` (their maximum ``top``, the other two's
+    differences to it, filled by the caller), in one vectorised pass of exps
+    (:func:`exp_nonpositive`) over the ``2n`` differences and one of logs (:func:`_log_of_sum`);
+    ``-inf`` where all three are."""
+    exp_nonpositive(terms, 2 * n, out, 0, bits, power)
+    for i in range(n):
+        out[1, i] = top[i] + _log_of_sum(1.0 + out[0, i] + out[0, n + i])
+
+
+@numba.njit(inline="always")
+def _split3(a, b, c, i, n, terms, top):
+    """Store the triple ``a, b, c`` for :func:`_log_sum3` at ``i``: its maximum, and the middle
+    and smallest values' differences to it (so only two exps: the largest one's is 1), with
+    selects rather than branches; differences to 0 where all are ``-inf`` (no NaN)."""
+    m = max(a, max(b, c))
+    middle = max(min(a, b), min(max(a, b), c))
+    least = min(a, min(b, c))
+    shift = m if m > -np.inf else 0.0
+    top[i] = m
+    terms[i] = middle - shift
+    terms[n + i] = least - shift
+
+
+@_item_jit
+def _reads_invalid(b, log_probs, classes, g, first, Tb):
+    """NaN if a state on item ``b``'s band reads a NaN or ``+inf`` score at a frame in
+    ``[first, Tb)``, else -inf: the log-likelihood of an item no path survives (the answer
+    the log-space recursion gives, which carries a NaN on to the end)."""
+    for t in range(first, Tb):
+        for s in range(g.band[b, t, 0], g.band[b, t, 1]):
+            if not log_probs[t, b, classes[b, g.state_class[b, s]]] < np.inf:
+                return np.nan
+    return -np.inf
+
+
+@_item_jit
+def _log_forward(b, log_probs, classes, g, Tb, delay, weights, alpha, rows, terms, top, out, bits, power):
+    r"""The forward pass of item ``b`` in log space (float64), exact whatever the scores' range:
+    the fallback for items whose probability-space error bound is not negligible. The same
+    recursion as :func:`_forward` over the same band, on logs:
+    :math:`\log\alpha_t(s) = \log y_t(s) + \mathrm{lse}(w_{stay}(s) + \log\alpha_{t-1}(s),
+    e_t(s) + w_{adv}(s) + \log\alpha_{t-1}(s-1), e_t(s) + w_{skip}(s) + \log\alpha_{t-1}(s-2))`
+    (log-weights ``weights`` from :func:`_log_moves`, ``e_t`` the delay's entry term), each
+    frame's log-sum-exps in one vectorised pass (:func:`_log_sum3`). Each frame is shifted by its
+    maximum, whose sum the likelihood adds back: the variables stay near 0, so rounding is
+    relative to the frame's range, not to the log-likelihood's size. Fills ``alpha[t, s]``
+    (shifted) on the band (``rows (2, S + 2)``, ``terms (2 S,)``, ``top (S,)``, ``out (2, 2 S)``, ``bits``/``power``
+    ``(2 S,)`` scratch). Returns the log-likelihood: -inf if no path, NaN if a state on the band
+    reads a NaN or ``+inf`` score (as :func:`_forward`)."""
+    Sb = g.num_states[b]
+    for s in range(Sb + 2):  # two leading -inf stand for states -2, -1
+        rows[0, s] = -np.inf
+        rows[1, s] = -np.inf
+    lo, hi = 0, 0
+    total = 0.0
+    for t in range(Tb):
+        lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+        n = hi - lo
+        cur = t & 1
+        prev = cur ^ 1
+        entry = -delay * (t - 0.5 * Tb)
+        for i in range(n):
+            s = lo + i
+            e = g.entry[b, s] * entry if delay != 0.0 else 0.0
+            if t == 0:
+                kept, advanced, skipped = -np.inf, (0.0 if g.start[b, s] != 0.0 else -np.inf) + e, -np.inf
+            else:
+                kept = rows[prev, s + 2] + weights[0, s]
+                advanced = rows[prev, s + 1] + weights[1, s] + e
+                skipped = rows[prev, s] + weights[2, s] + e
+            _split3(kept, advanced, skipped, i, n, terms, top)
+        _log_sum3(n, terms, top, out, bits, power)
+        bad = False
+        frame_max = -np.inf
+        for i in range(n):
+            y = np.float64(log_probs[t, b, classes[b, g.state_class[b, lo + i]]])
+            bad |= not y < np.inf  # NaN or +inf on the band: no answer
+            out[1, i] += y
+            frame_max = max(frame_max, out[1, i])
+        if bad:
+            return np.nan
+        if frame_max == -np.inf:  # no path survives this frame: -inf, unless a later one reads NaN
+            return _reads_invalid(b, log_probs, classes, g, t + 1, Tb)
+        for i in range(n):
+            v = out[1, i] - frame_max
+            rows[cur, lo + i + 2] = v
+            alpha[t, lo + i] = v
+        total += frame_max
+        rows[cur, lo] = -np.inf  # states lo-2, lo-1: read next frame, stale from two frames ago
+        rows[cur, lo + 1] = -np.inf
+    if Tb == 0:
+        return 0.0 if Sb == 1 else -np.inf
+    m = -np.inf
+    for s in range(lo, hi):
+        if g.final[b, s] != 0.0:
+            m = max(m, alpha[Tb - 1, s])
+    if m == -np.inf:
+        return -np.inf
+    end = 0.0
+    for s in range(lo, hi):
+        if g.final[b, s] != 0.0:
+            end += math.exp(alpha[Tb - 1, s] - m)
+    return total + m + math.log(end)
+
+
+@_item_jit
+def _log_posteriors(b, log_probs, classes, columns, num_classes, g, Tb, delay, weights, alpha, occupancy,
+                    per_state, beta, weighted, entering, terms, top, out, bits, power, per_class):
+    r"""The backward pass of item ``b`` in log space after :func:`_log_forward` (for an item
+    with a finite log-likelihood), writing the posteriors into ``occupancy`` as
+    :func:`_posteriors` does (per class at ``columns``; per state, ``(T, B, S)``, with
+    ``per_state``): :math:`\gamma_t(s) = \alpha_t(s)\beta_t(s) / \sum_{s'} \alpha_t(s')\beta_t(s')`
+    (both shifted per frame, which the ratio does not see) and
+    :math:`\log\beta_{t-1}(s) = \mathrm{lse}(w_{stay}(s) + W_t(s), w_{adv}(s{+}1) + E_t(s{+}1),
+    w_{skip}(s{+}2) + E_t(s{+}2))` with :math:`W_t = \log\beta_t + \log y_t` and :math:`E_t` the
+    same plus the entry term. ``beta``, ``weighted``, ``entering`` ``(S + 2,)`` and ``per_class``
+    ``(U,)`` are scratch, the rest as :func:`_log_forward`'s."""
+    Sb = g.num_states[b]
+    for s in range(Sb + 2):
+        beta[s] = 0.0 if s < Sb and g.final[b, s] != 0.0 else -np.inf
+        weighted[s] = -np.inf
+        entering[s] = -np.inf
+    for u in range(num_classes[b]):
+        per_class[u] = 0.0
+    into = entering if delay != 0.0 else weighted
+    for t in range(Tb - 1, -1, -1):
+        lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+        n = hi - lo
+        entry = -delay * (t - 0.5 * Tb)
+        for i in range(n):
+            s = lo + i
+            y = np.float64(log_probs[t, b, classes[b, g.state_class[b, s]]])
+            w = beta[s] + y
+            weighted[s] = w
+            if delay != 0.0:
+                entering[s] = w + g.entry[b, s] * entry
+            terms[i] = alpha[t, s] + beta[s]
+        peak = -np.inf
+        for i in range(n):
+            peak = max(peak, terms[i])
+        for i in range(n):
+            terms[i] -= peak
+        exp_nonpositive(terms, n, out, 0, bits, power)
+        z = 0.0
+        for i in range(n):
+            z += out[0, i]
+        inv_z = 1.0 / z  # both sides shifted per frame: the posteriors normalised per frame
+        for i in range(n):
+            out[0, i] *= inv_z
+        if per_state:
+            for s in range(occupancy.shape[2]):
+                occupancy[t, b, s] = 0.0
+            for i in range(n):
+                occupancy[t, b, lo + i] = out[0, i]
+        else:
+            for i in range(n):
+                per_class[g.state_class[b, lo + i]] += out[0, i]
+            for c in range(occupancy.shape[2]):  # columns of absent classes
+                occupancy[t, b, c] = 0.0
+            for u in range(num_classes[b]):
+                occupancy[t, b, columns[b, u]] = per_class[u]
+                per_class[u] = 0.0
+        if t == 0:
+            break
+        plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
+        n = phi - plo
+        for i in range(n):
+            s = plo + i
+            kept = weighted[s] + weights[0, s]
+            advanced = into[s + 1] + weights[1, s + 1]
+            skipped = into[s + 2] + weights[2, s + 2]
+            _split3(kept, advanced, skipped, i, n, terms, top)
+        _log_sum3(n, terms, top, out, bits, power)
+        peak = -np.inf
+        for i in range(n):
+            peak = max(peak, out[1, i])
+        peak = peak if peak > -np.inf else 0.0
+        for i in range(n):
+            beta[plo + i] = out[1, i] - peak  # shifted per frame, as alpha
+
+
+class LogScratch(NamedTuple):
+    """One thread's scratch for the log-space kernels (:func:`_log_forward`,
+    :func:`_log_posteriors`), ``S`` states: ``weights (3, S + 2)``, ``rows (2, S + 2)``,
+    ``beta``/``weighted``/``entering`` ``(S + 2,)``, ``terms (2 S,)``, ``top (S,)``,
+    ``out (2, 2 S)``, ``bits``/``power`` ``(2 S,)`` (one memory)."""
+
+    weights: np.ndarray
+    rows: np.ndarray
+    beta: np.ndarray
+    weighted: np.ndarray
+    entering: np.ndarray
+    terms: np.ndarray
+    top: np.ndarray
+    out: np.ndarray
+    bits: np.ndarray
+    power: np.ndarray
+
+
+@numba.njit(cache=True, nogil=True)
+def log_scratch(S):
+    bits = np.empty(2 * S, dtype=np.int64)
+    return LogScratch(np.empty((3, S + 2)), np.empty((2, S + 2)), np.empty(S + 2), np.empty(S + 2), np.empty(S + 2),
+                      np.empty(2 * S), np.empty(S), np.empty((2, 2 * S)), bits, bits.view(np.float64))
+
+
+@_item_jit
+def _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, need_grad, per_state, alpha, occupancy,
+                    w, per_class):
+    """Item ``b`` by the log-space kernels (``w``: the thread's :class:`LogScratch`): its
+    log-likelihood, and its posteriors into ``occupancy`` with ``need_grad`` (where it is finite)."""
+    _log_moves(b, g, g.num_states[b], w.weights)
+    ll = _log_forward(b, log_probs, classes, g, Tb, delay, w.weights, alpha, w.rows, w.terms, w.top, w.out, w.bits, w.power)
+    if need_grad and Tb > 0 and -np.inf < ll < np.inf:
+        _log_posteriors(b, log_probs, classes, columns, num_classes, g, Tb, delay, w.weights, alpha, occupancy,
+                        per_state, w.beta, w.weighted, w.entering, w.terms, w.top, w.out, w.bits, w.power, per_class)
+    return ll
+
+
 @_jit
-def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_grad, occupancy, alpha, scaled):
+def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_grad, occupancy, alpha, scaled,
+                     max_error, per_state):
     """Forward and backward pass, item by item: each thread keeps its item's forward variables
     in a buffer of its own, read back by the backward pass from cache rather than from memory.
+    Items whose underflow bound exceeds ``max_error``, or whose likelihood vanished, run again
+    in log space (:func:`_log_forward`, :func:`_log_posteriors`) on the same thread: results
+    are those of the log-space recursion, however extreme the scores.
 
     Args:
         log_probs: ``(T, B, C)`` float32/float64 log-scores.
@@ -375,11 +648,15 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
         alpha, scaled: ``(threads, T, S)`` and ``(threads, T, U)`` float64 scratch: forward
             variables up to a per-frame scale (band only), ``exp(log_prob - frame max)`` of each
             distinct label.
+        max_error: the largest underflow bound (relative error) an item may keep.
+        per_state: ``occupancy`` is ``(T, B, S)``, the posterior of each state (``columns``
+            unused): :func:`ctclab.trellis.state_posteriors`'s layout.
 
     Returns:
         ``(B,)`` float64 log-likelihood (-inf if no path, NaN if the item reads a NaN score;
         such items' posteriors are left 0), ``(B,)`` float64 bound on the relative error that
-        underflow caused (0 where the backward pass did not run).
+        underflow caused (0 where the backward pass did not run, and for items run in log
+        space), ``(B,)`` bool: the items run in log space.
     """
     B = log_probs.shape[1]
     threads, _, S = alpha.shape
@@ -387,6 +664,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     input_lengths = g.input_lengths
     loglik = np.full(B, -np.inf)
     error = np.zeros(B)
+    log_space = np.zeros(B, dtype=np.bool_)
     # each thread's scratch, made once: the per-item functions take it all from here
     state = np.zeros((threads, 2, S + 2))
     shifted = np.empty((threads, U))
@@ -394,22 +672,29 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     power = bits.view(np.float64)
     beta, weighted, entering = np.empty((threads, S + 2)), np.empty((threads, S + 2)), np.empty((threads, S + 2))
     per_class = np.empty((threads, U))
+    exact = [log_scratch(S) for _ in range(threads)]
     for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
         thread = numba.get_thread_id()
         Tb = input_lengths[b]
         ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled[thread],
                                alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
-        loglik[b] = ll
         ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
         if ran:
             error[b] = _posteriors(b, columns, num_classes, g, Tb, delay, alpha[thread], scaled[thread],
-                                   occupancy, need_grad, beta[thread], weighted[thread], entering[thread], per_class[thread])
+                                   occupancy, need_grad and not per_state, per_state, beta[thread], weighted[thread],
+                                   entering[thread], per_class[thread])
+        if ll == -np.inf or error[b] > max_error:  # underflow that may matter, or a vanished score
+            log_space[b] = True
+            error[b] = 0.0
+            ll = _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, need_grad, per_state,
+                                 alpha[thread], occupancy, exact[thread], per_class[thread])
+        loglik[b] = ll
         if need_grad:  # the caller's buffer is uninitialised: zero what the posteriors left
-            complete = ran and error[b] < np.inf
+            complete = Tb > 0 and -np.inf < ll < np.inf
             for t in range(Tb if complete else 0, occupancy.shape[0]):
                 for c in range(occupancy.shape[2]):
                     occupancy[t, b, c] = 0.0
-    return loglik, error
+    return loglik, error, log_space
 
 
 _TINY64 = 2.2250738585072014e-308

@@ -1,0 +1,158 @@
+"""The fused loss's exact fallback in compiled code: items whose probability-space underflow bound
+is not negligible run again through the log-space kernels (numba_kernels._log_forward /
+_log_posteriors), never through the PyTorch loop. Checked on exactly the inputs that trigger it
+(each test asserts the fallback ran), against the built-in, the log-space reference backend and
+finite differences; the per-state posteriors ('posteriors' on the numba backend) too."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctclab
+import ctclab.trellis
+from ctclab import bench
+from ctclab._inputs import ctc_batch
+from ctclab.backends import numba_cpu
+from ctclab.cli import main
+from ctclab.graph import TOPOLOGIES, CTCGraph
+from ctclab.targets import state_occupation
+
+
+def _hard_batch(kind, dtype=torch.float64, T=60, B=4, C=6, L=20, seed=0):
+    """Logits whose trellis spans far more than float64's range in one frame: blank 40 nats above
+    the rest (CTC's blank phase), or one random class 1000 nats above the rest at each frame
+    ("confident": sure of classes unrelated to the targets); "plain": random logits."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, B, C, generator=g, dtype=torch.float64)
+    if kind == "blank":
+        logits[..., 0] += 40.0
+    elif kind == "confident":
+        logits.scatter_add_(2, torch.randint(0, C, (T, B, 1), generator=g), torch.full((T, B, 1), 1000.0, dtype=torch.float64))
+    targets = torch.randint(1, C, (B, L), generator=g)
+    targets[:, 1] = targets[:, 0]  # a repeat: the standard topology's skip rule matters
+    il = torch.tensor([T, T - 5, T - 9, T - 2][:B])
+    tl = torch.tensor([L, L - 3, L // 2, L - 1][:B])
+    return logits.to(dtype), targets, il, tl
+
+
+def _kernel_state(lp, targets, il, tl, topology="standard", delay_penalty=0.0, per_state=False):
+    graph = CTCGraph.build(ctc_batch(lp, targets, il, tl), topology, delay_penalty)
+    return numba_cpu._KernelState(graph, lp.detach(), need_grad=True, per_state=per_state)
+
+
+def _nll_and_grad(lp, targets, il, tl, impl, **options):
+    x = lp.detach().clone().requires_grad_(True)
+    nll = ctclab.ctc_loss(x, targets, il, tl, reduction="none", impl=impl, **options)
+    weights = torch.linspace(0.5, 1.5, nll.shape[0], dtype=nll.dtype)
+    (grad,) = torch.autograd.grad((torch.where(torch.isinf(nll), 0.0, nll) * weights).sum(), x)  # NaN kept
+    return nll.detach(), grad
+
+
+@pytest.fixture
+def no_pytorch_recursion(monkeypatch):
+    """The fused loss must not fall back to the PyTorch log-space loop: the reference recursions
+    (log_alpha, log_beta, state_posteriors) all step through trellis.forward / trellis.backward."""
+    ctclab.backends.backends()  # import the backends before patching
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused loss ran the PyTorch log-space recursion")
+    monkeypatch.setattr(ctclab.trellis, "forward", refuse)
+    monkeypatch.setattr(ctclab.trellis, "backward", refuse)
+
+
+@pytest.mark.parametrize("kind", ["blank", "confident"])
+def test_fallback_matches_builtin(kind, no_pytorch_recursion):
+    logits, targets, il, tl = _hard_batch(kind)
+    lp = logits.log_softmax(-1)
+    assert _kernel_state(lp, targets, il, tl).log_space.any()
+    x = logits.clone().requires_grad_(True)
+    ours = ctclab.ctc_loss(x.log_softmax(-1), targets, il, tl, reduction="sum", impl="fused")
+    (ours_grad,) = torch.autograd.grad(ours, x)
+    y = logits.clone().requires_grad_(True)
+    theirs = F.ctc_loss(y.log_softmax(-1), targets, il, tl, reduction="sum")
+    (theirs_grad,) = torch.autograd.grad(theirs, y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("kind", ["blank", "confident"])
+def test_fallback_matches_log_space_reference(kind, topology, delay, dtype, monkeypatch):
+    logits, targets, il, tl = _hard_batch(kind, dtype=dtype)
+    lp = logits.log_softmax(-1)
+    options = dict(topology=topology, delay_penalty=delay)
+    state = _kernel_state(lp, targets, il, tl, **options)
+    assert state.log_space.any(), "the inputs must trigger the log-space fallback"
+    got = _nll_and_grad(lp, targets, il, tl, "numba", **options)
+    ref = _nll_and_grad(lp.double(), targets, il, tl, "reference", **options)
+    tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[0].double(), ref[0], **tol)
+    torch.testing.assert_close(got[1].double(), ref[1], **(tol if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)))
+
+
+def test_fallback_gradient_by_finite_differences():
+    """gradcheck (float64) through the log-space kernels, on unnormalised scores whose range no
+    probability-space frame can hold."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 2, 4, generator=g, dtype=torch.float64) * 400).requires_grad_(True)
+    targets, il, tl = torch.tensor([[1, 2, 2], [3, 1, 1]]), torch.tensor([7, 6]), torch.tensor([3, 2])
+    assert _kernel_state(x, targets, il, tl).log_space[0]
+    assert torch.autograd.gradcheck(
+        lambda v: ctclab.ctc_loss(v, targets, il, tl, reduction="sum", impl="numba"), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_fallback_nan_and_impossible_items():
+    """NaN on an item's band: NaN loss, NaN gradient on its frames; NaN where no complete path
+    goes: ignored; a NaN after a frame every state finds -inf still counts (as in log space); an
+    impossible item: inf, zero gradient. Other items of the batch are unaffected."""
+    logits, targets, il, tl = _hard_batch("blank", B=4, C=8)
+    targets = targets % 6 + 1  # classes 1..6, and class 7 only as item 1's last label
+    targets[1, tl[1] - 1] = 7
+    logits[..., 0] += 30.0  # blank 70 nats ahead: every item in log space
+    lp = logits.log_softmax(-1)
+    clean = _nll_and_grad(lp, targets, il, tl, "numba")
+    bad = lp.clone()
+    bad[10, 0, targets[0, 0]] = torch.nan  # on item 0's band
+    bad[0, 1, 7] = torch.nan  # item 1, frame 0: its last label's state lies off every path
+    bad[5, 2] = -torch.inf  # item 2: every class impossible at frame 5 ...
+    bad[20, 2, 0] = torch.nan  # ... and a NaN later, on its band
+    il_impossible = il.clone()
+    il_impossible[3] = 10  # item 3: more labels than frames
+    assert _kernel_state(bad, targets, il_impossible, tl).log_space[[1, 2, 3]].all()
+    nll, grad = _nll_and_grad(bad, targets, il_impossible, tl, "numba")
+    ref_nll, _ = _nll_and_grad(bad, targets, il_impossible, tl, "reference")
+    assert torch.isnan(nll[0]) and torch.isnan(grad[: il[0], 0]).all()
+    assert torch.isnan(nll[2]) and torch.isnan(ref_nll[2])
+    torch.testing.assert_close(nll[1], clean[0][1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad[:, 1], clean[1][:, 1], rtol=1e-9, atol=1e-10)
+    assert nll[3] == torch.inf and (grad[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("kind", ["blank", "confident", "plain"])
+def test_state_posteriors_match_reference(kind, topology, delay):
+    """'posteriors' on the numba backend (state_occupation, alignment_posteriors): the fused
+    kernels' per-state output, with the log-space kernels for the items they cannot vouch for."""
+    logits, targets, il, tl = _hard_batch(kind)
+    lp = logits.log_softmax(-1)
+    state = _kernel_state(lp, targets, il, tl, topology, delay, per_state=True)
+    assert state.log_space.any() == (kind != "plain")
+    options = dict(topology=topology, delay_penalty=delay)
+    got = state_occupation(lp, targets, il, tl, impl="numba", **options)
+    ref = state_occupation(lp, targets, il, tl, impl="reference", **options)
+    assert got.shape == ref.shape == (lp.shape[0], lp.shape[1], 2 * targets.shape[1] + 1)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    assert ctclab.backends.select("posteriors", "auto", state.trellis, lp).name == "numba"
+
+
+def test_bench_hard_reports_each_case_against_the_builtin(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "HARD_CASES", [bench.HardCase("tiny blank phase", 40, 3, 6, 12, "blank+12"),
+                                              bench.HardCase("tiny -inf columns", 30, 2, 8, 6, "-inf columns")])
+    assert main(["bench", "--hard", "--impl", "builtin", "--impl", "fused", "--repeats", "1", "--warmup", "0",
+                 "--no-memory", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny blank phase: T=40 B=3 C=6 L=12" in out and "tiny -inf columns: T=30" in out
+    assert out.count("loss matches: yes, grad matches: yes, CE grad matches: yes") == 2
+    assert "hard inputs: fused fwd+bwd speed-up over the built-in" in out

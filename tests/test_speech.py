@@ -439,7 +439,9 @@ def test_readme_example_runs(hf_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_splits_a_corpus_across_processes(conv_dir, conv_code, corpus, tmp_path):
+def test_torchrun_splits_a_corpus_across_processes(conv_dir, conv_code, corpus, tmp_path, request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("three Python processes: run with -m slow (the RANK/WORLD_SIZE test covers the sharding)")
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this interpreter")

@@ -12,19 +12,17 @@ random letter strings that no sentence holds; both decoders get the same lists a
 """
 import argparse
 import json
-import math
 import random
 import subprocess
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctclab.decode import DEFAULT_HOTWORD_WEIGHT, BeamSearchDecoder
-from ctclab.lm import NGramLM
+from ctclab.lm import NGramLM, write_arpa
 from ctclab.vocab import Vocabulary
 
 WORKER = str(Path(__file__).with_name("_pyctcdecode_worker.py"))
@@ -35,31 +33,6 @@ def corpus(rng, words=200, sentences=2000):
     vocab = ["".join(rng.choice(LETTERS[:-1]) for _ in range(rng.randint(2, 7))) for _ in range(words)]
     weights = [1.0 / (i + 1) for i in range(words)]
     return [" ".join(rng.choices(vocab, weights, k=rng.randint(3, 8))) for _ in range(sentences)]
-
-
-def write_arpa(sentences, path):
-    """A bigram ARPA with absolute discounting (d = 0.5) and back-off weights."""
-    uni, bi = Counter(), Counter()
-    for s in sentences:
-        w = ["<s>"] + s.split() + ["</s>"]
-        uni.update(w)
-        bi.update(zip(w, w[1:]))
-    total = sum(uni.values()) - uni["<s>"]
-    p1 = {w: (c / total if w != "<s>" else 1e-99) for w, c in uni.items()}
-    follow = Counter()
-    for (a, _), c in bi.items():
-        follow[a] += c
-    kinds = Counter(a for a, _ in bi.keys())
-    p2 = {(a, b): (c - 0.5) / follow[a] for (a, b), c in bi.items()}
-    lines = ["\\data\\", f"ngram 1={len(uni)}", f"ngram 2={len(bi)}", "", "\\1-grams:"]
-    for w in uni:
-        left = 0.5 * kinds[w] / follow[w] if follow[w] else 1.0
-        seen = sum(p1[b] for (a, b) in bi if a == w) if follow[w] else 0.0
-        bo = math.log10(left / max(1e-12, 1 - seen)) if follow[w] else 0.0
-        lp = -99.0 if w == "<s>" else math.log10(p1[w])
-        lines.append(f"{lp:.6f}\t{w}\t{bo:.6f}")
-    lines += ["", "\\2-grams:"] + [f"{math.log10(p):.6f}\t{a} {b}" for (a, b), p in p2.items()] + ["", "\\end\\", ""]
-    Path(path).write_text("\n".join(lines))
 
 
 def emissions(text, labels, rng, frames_per_char=(2, 4), confusion=0.3):

@@ -3,8 +3,9 @@ and the small interface any LM implements (begin a sentence, score a word, end i
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 LN10 = math.log(10.0)
 #: the word that stands for every word outside an LM's vocabulary (ARPA files' and kenlm's)
@@ -181,3 +182,34 @@ def load_lm(path: str | Path, backend: str = "auto"):
                 raise ValueError(f"{str(path)!r} is not an ARPA text file (a kenlm binary?): reading it needs the kenlm "
                                  "package, pip install kenlm; ctclab's own reader (NGramLM) takes ARPA files only") from None
     return NGramLM.from_arpa(path)
+
+
+def write_arpa(sentences: Iterable[str], path: str | Path) -> None:
+    """Write a word bigram ARPA file estimated from ``sentences`` (words split on white space):
+    absolute discounting (d = 0.5) with back-off weights to the unigrams, ``<s>``/``</s>`` added.
+    Written atomically; :meth:`NGramLM.from_arpa` reads it."""
+    from .formats import write_atomically
+
+    uni, bi = Counter(), Counter()
+    for s in sentences:
+        w = ["<s>"] + s.split() + ["</s>"]
+        uni.update(w)
+        bi.update(zip(w, w[1:]))
+    total = sum(uni.values()) - uni["<s>"]
+    p1 = {w: (c / total if w != "<s>" else 1e-99) for w, c in uni.items()}
+    follow = Counter()
+    for (a, _), c in bi.items():
+        follow[a] += c
+    kinds = Counter(a for a, _ in bi.keys())
+    p2 = {(a, b): (c - 0.5) / follow[a] for (a, b), c in bi.items()}
+    seen = Counter()
+    for a, b in bi:
+        seen[a] += p1[b]
+    lines = ["\\data\\", f"ngram 1={len(uni)}", f"ngram 2={len(bi)}", "", "\\1-grams:"]
+    for w in uni:
+        left = 0.5 * kinds[w] / follow[w] if follow[w] else 1.0
+        bo = math.log10(left / max(1e-12, 1 - seen[w])) if follow[w] else 0.0
+        lp = -99.0 if w == "<s>" else math.log10(p1[w])
+        lines.append(f"{lp:.6f}\t{w}\t{bo:.6f}")
+    lines += ["", "\\2-grams:"] + [f"{math.log10(p):.6f}\t{a} {b}" for (a, b), p in p2.items()] + ["", "\\end\\", ""]
+    write_atomically(path, lambda f: f.write("\n".join(lines).encode("utf-8")))

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a CRNN on rendered text lines")
     t.add_argument("--loss", choices=LOSSES, default="fused")
-    t.add_argument("--variant", help="label_smoothing=EPS or focal=GAMMA")
+    t.add_argument("--variant", help="label_smoothing=EPS, focal=GAMMA or label_prior=LAMBDA")
     t.add_argument("--minutes", type=float, default=5.0, help="training wall time budget")
     t.add_argument("--steps", type=int, help="stop after this many steps instead")
     t.add_argument("--batch-size", type=int, default=32)

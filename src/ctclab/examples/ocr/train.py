@@ -3,63 +3,16 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import ctclab
 from ctclab.decode import BeamSearchDecoder, greedy_decode
-from ctclab.targets import alignment_targets, smooth_targets, target_cross_entropy
-from ctclab.variants import focal_ctc_loss
 
+from ..common import LOSSES, compare, edit_distance, fit, make_criterion, parse_variant, summary  # noqa: F401 (re-exported)
 from .data import BLANK, CHARSET, NUM_CLASSES, collate, make_lines
 from .model import CRNN
-
-LOSSES = ("fused", "autograd", "builtin")
-
-
-def parse_variant(text: str | None) -> tuple[str, float] | None:
-    """``'label_smoothing=0.1'`` or ``'focal=2'`` -> (name, value)."""
-    if not text:
-        return None
-    name, _, value = text.partition("=")
-    if name not in ("label_smoothing", "focal") or not value:
-        raise ValueError(f"--variant must be label_smoothing=EPS or focal=GAMMA, got {text!r}")
-    return name, float(value)
-
-
-def make_criterion(loss: str, variant: tuple[str, float] | None):
-    if loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {LOSSES}, got {loss!r}")
-    ctc = F.ctc_loss if loss == "builtin" else (lambda *a, **k: ctclab.ctc_loss(*a, impl=loss, **k))
-    plain = torch.nn.CTCLoss(zero_infinity=True) if loss == "builtin" else ctclab.CTCLoss(zero_infinity=True, impl=loss)
-
-    def criterion(log_probs, targets, il, tl):
-        if variant is None:
-            return plain(log_probs, targets, il, tl)
-        name, value = variant
-        if name == "focal":
-            if loss == "builtin":
-                raise ValueError("focal CTC needs the true gradient through the per-utterance loss: use --loss fused or autograd")
-            return focal_ctc_loss(log_probs, targets, il, tl, gamma=value, zero_infinity=True, impl=loss)
-        q = smooth_targets(alignment_targets(log_probs.detach(), targets, il, tl, ctc_loss=ctc), value, "nonblank", input_lengths=il)
-        per_item = target_cross_entropy(log_probs, q, reduction="none")
-        return (per_item / tl.clamp(min=1)).mean()
-
-    return criterion
-
-
-def edit_distance(a, b) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def text_of(tokens) -> str:
@@ -100,40 +53,18 @@ def train(loss: str = "fused", variant: str | None = None, minutes: float = 5.0,
     pool = sorted(make_lines(train_lines, seed), key=lambda line: line.image.shape[1])
     validation = make_lines(val_lines, seed + 10_000)
     model = CRNN(NUM_CLASSES)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = random.Random(seed)
-    history = {"config": dict(loss=loss, variant=variant, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed),
-               "steps": [], "evals": []}
-    budget = minutes * 60.0
-    start = time.perf_counter()
-    training_time = 0.0  # wall time spent in training steps, evaluation excluded
-    next_eval, step = 0.0, 0
-    while training_time < budget and (max_steps is None or step < max_steps):
-        t0 = time.perf_counter()
+    config = dict(loss=loss, variant=variant, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed)
+
+    def batch(rng: random.Random):
         first = rng.randrange(max(1, len(pool) - batch_size + 1))
-        batch = collate(pool[first : first + batch_size])
-        images, targets, il, tl = batch
-        log_probs = model(images)
-        value = criterion(log_probs, targets, il, tl)
-        optimiser.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimiser.step()
-        training_time += time.perf_counter() - t0
-        step += 1
-        history["steps"].append((step, training_time, value.item()))
-        if training_time >= next_eval or training_time >= budget or step == max_steps:
-            cer = character_error_rate(model, validation)
-            history["evals"].append((step, training_time, cer))
-            next_eval = training_time + eval_every
-            torch.save({"model": model.state_dict(), "config": history["config"]}, out / "model.pt")
-        if progress:
-            done = min(1.0, training_time / budget) if max_steps is None else step / max_steps
-            cer_text = f"{history['evals'][-1][2]:.3%}" if history["evals"] else "-"
-            print(f"\r[{'#' * int(30 * done):<30}] step {step} loss {value.item():.3f} val CER {cer_text} "
-                  f"({time.perf_counter() - start:.0f} s)", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        return collate(pool[first : first + batch_size])
+
+    def checkpoint():
+        torch.save({"model": model.state_dict(), "config": config}, out / "model.pt")
+
+    history = fit(model, batch, lambda m, images: m(images), criterion, lambda: character_error_rate(model, validation),
+                  checkpoint, config, minutes=minutes, max_steps=max_steps, lr=lr, seed=seed, eval_every=eval_every,
+                  progress=progress)
     (out / "history.json").write_text(json.dumps(history))
     return history
 
@@ -172,12 +103,6 @@ def alignment_errors(model, lines, batch_size: int = 64) -> dict:
                 posterior["start"].append(int(frames[0]) - t0)
                 posterior["end"].append(int(frames[-1]) + 1 - t1)
 
-    def summary(signed):
-        """Absolute error: median and 90th percentile; signed mean (negative = early)."""
-        values = sorted(abs(v) for v in signed)
-        return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))],
-                "mean_signed": statistics.fmean(signed), "n": len(values)}
-
     return {name: {side: summary(v) for side, v in d.items()} for name, d in (("viterbi", viterbi), ("posterior", posterior))}
 
 
@@ -192,31 +117,3 @@ def evaluate(checkpoint: str | Path, lines: int = 1000, seed: int = 20_000, beam
         "alignment_frame_error": alignment_errors(model, test),
     }
     return report
-
-
-def compare(runs: list[str | Path], out: str | Path) -> None:
-    """Learning curves (loss and validation CER against step and against training time) of
-    several runs in one PNG."""
-    from ctclab.plot import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for run in runs:
-        history = json.loads((Path(run) / "history.json").read_text())
-        cfg = history["config"]
-        label = cfg["loss"] + (f" + {cfg['variant']}" if cfg.get("variant") else "")
-        steps = history["steps"]
-        window = 25
-        smooth = [statistics.fmean(v for _, _, v in steps[max(0, i - window) : i + 1]) for i in range(len(steps))]
-        axes[0, 0].plot([s for s, _, _ in steps], smooth, label=label)
-        axes[0, 1].plot([t for _, t, _ in steps], smooth, label=label)
-        axes[1, 0].plot([s for s, _, _ in history["evals"]], [c for _, _, c in history["evals"]], label=label)
-        axes[1, 1].plot([t for _, t, _ in history["evals"]], [c for _, _, c in history["evals"]], label=label)
-    for ax, (x, y) in zip(axes.flat, [("step", "loss"), ("training time (s)", "loss"), ("step", "val CER"), ("training time (s)", "val CER")]):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        if "CER" in y:
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)

@@ -1,0 +1,77 @@
+"""``python -m ctclab.examples.speech data|train|eval|compare``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..common import LOSSES, compare, set_threads
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctclab.examples.speech", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="synthesise train and held-out test utterances with true word extents (espeak-ng)")
+    d.add_argument("--out", default="data/speech")
+    d.add_argument("--train", type=int, default=3000, help="training utterances")
+    d.add_argument("--test", type=int, default=600, help="held-out test utterances")
+    d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train the character CTC acoustic model; saves a ctclab model folder OUT/model")
+    t.add_argument("--data", default="data/speech")
+    t.add_argument("--loss", choices=LOSSES, default="fused")
+    t.add_argument("--variant", help="label_prior=LAMBDA (arXiv 2406.02560), label_smoothing=EPS or focal=GAMMA")
+    t.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (validation excluded)")
+    t.add_argument("--steps", type=int, help="stop after this many steps instead")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val", type=int, default=100, help="validation utterances (held-out sentences, not the test set)")
+    t.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between validations")
+    t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--out", default="runs/speech")
+    e = sub.add_parser("eval", help="word boundary error and CER of trained models on the held-out test set")
+    e.add_argument("runs", nargs="+", help="training run folders (OUT of train); label-prior runs are found by their config")
+    e.add_argument("--data", default="data/speech")
+    e.add_argument("--utterances", type=int, default=600)
+    e.add_argument("--blank-penalty", type=float, default=1.0, help="nats off blank for method (d)")
+    e.add_argument("--beam", type=int, default=32)
+    e.add_argument("--torchaudio-python", help="an interpreter with torchaudio, for method (e)")
+    e.add_argument("--plots", type=int, default=3, help="alignment figures of this many test files")
+    e.add_argument("--out", default="runs/speech-eval")
+    e.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("compare", help="plot the learning curves of several runs")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="curves.png")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            from .train import make_data
+
+            print(json.dumps(make_data(args.out, args.train, args.test, args.seed), indent=2))
+        elif args.command == "train":
+            from .train import train
+
+            set_threads(args.threads)
+            history = train(args.data, args.loss, args.variant, args.minutes, args.steps, args.batch_size, args.lr,
+                            args.seed, args.val, args.eval_every, args.out)
+            steps, evals = history["steps"], history["evals"]
+            print(json.dumps({"steps": len(steps), "training_minutes": round(steps[-1][1] / 60, 2),
+                              "final_loss": steps[-1][2], "val_cer_greedy": evals[-1][2], "out": args.out}, indent=2))
+        elif args.command == "eval":
+            from .evaluate import evaluate
+
+            set_threads(args.threads)
+            report = evaluate(args.runs, args.data, args.utterances, blank_penalty=args.blank_penalty, beam=args.beam,
+                              torchaudio_python=args.torchaudio_python, plots=args.plots, out=args.out)
+            print(json.dumps(report, indent=2))
+        else:
+            compare(args.runs, args.out)
+            print(f"wrote {args.out}")
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1 if isinstance(error, RuntimeError) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,9 +2,10 @@ r"""Batched Viterbi forced alignment over the CTC trellis, token and word spans,
 
 The best path is the trellis's max-plus recursion (the loss is its log-sum-exp recursion):
 :math:`\delta_t(s) = y_t(l'_s) + \max_{s' \in \{s-2, s-1, s\}} \delta_{t-1}(s')`. Backpointers are
-packed 2 bits per state. On CPU a numba kernel (:func:`ctclab.backends.numba_viterbi.viterbi`, parallel over
-the batch, optional checkpointing for long inputs) runs it; elsewhere the pure-PyTorch version
-here, which is also the kernel's tested reference.
+packed 2 bits per state. On CPU a numba kernel (:func:`ctclab.backends.numba_viterbi.viterbi`,
+vectorised over states, parallel over the batch, checkpointed within a memory budget for long
+inputs) runs it; elsewhere the PyTorch reference (:mod:`ctclab.backends.reference`), which is
+also the kernel's tested reference.
 
 Tie-break (deterministic, both implementations): when predecessors tie, the backtrace prefers
 the one furthest back in the state sequence (skip, then advance, then stay), so each state is

@@ -8,6 +8,8 @@ Usage:
     python benchmarks/gpu_check.py                 # on the GPU
     python benchmarks/gpu_check.py --device cpu    # the same code on tiny shapes, Triton's
                                                    # interpreter on CPU tensors (what CI runs)
+    compute-sanitizer --tool racecheck python benchmarks/gpu_check.py --skip loss --skip align
+                                                   # the kernels' races (invisible to the interpreter)
 
 Timings are medians of repeated runs in one process, each run synchronised
 (``torch.cuda.synchronize``), implementations taking turns (``ctclab.bench``'s round-robin).

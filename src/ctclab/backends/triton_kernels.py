@@ -12,7 +12,9 @@ Arithmetic in float32 (float64 for float64 scores) in log space: no rescaling, s
 bound and no fallback. Scores are read in their own dtype (float16 and bfloat16 natively).
 
 Forward variables :math:`\alpha_t(s)` (emission at ``t`` included) are stored per item in a
-``(B, rows, S)`` buffer, ``rows = T`` when a backward pass follows, 2 otherwise (a ring). The
+``(B, rows, W + 2)`` buffer, ``rows = T`` when a backward pass follows, 2 otherwise (a ring);
+``W`` pads the states past the last tile by two states no move leads into, and each row has two
+more in front, all ``-inf``, so that no read needs a mask. The
 shifted values ``alpha_{t-1}(s - 1)``, ``alpha_{t-1}(s - 2)`` are read back from the previous row,
 which another tile (or another thread) wrote: a barrier separates the frames. The backward pass
 overwrites row ``t`` with :math:`\beta_t(s) + y_t(s)` once frame ``t`` is done — what frame
@@ -34,8 +36,8 @@ The gradient :math:`-g_b \gamma_t(k)`, with :math:`\gamma_t(k) = \sum_{s: l'_s =
 is written straight into the ``(T, B, C)`` gradient without atomics: each item's states come
 sorted by class (``order``), each frame's posteriors are summed per class by a segmented scan in
 that order (shifted adds; Triton's ``associative_scan`` with a custom combine runs element by
-element in the interpreter, 10x slower), and one state (the last of its class) writes each class. The same inputs give
-bitwise the same gradient.
+element in the interpreter, 10x slower), and one state (the last of its class) writes each
+class. The same inputs give bitwise the same gradient.
 
 References:
     A. Graves, S. Fernández, F. Gomez, J. Schmidhuber. "Connectionist Temporal
@@ -49,11 +51,12 @@ import triton.language as tl
 from ..graph import NEG as _NEG_VALUE
 
 NEG = tl.constexpr(_NEG_VALUE)
-#: Bits of the per-state flags (``flags``): start, final and entry states.
-START, FINAL, ENTRY = 1, 2, 4
+#: Bits of the per-state flags (``flags``): start and final states (entry states come as 0/1
+#: weights of the delay's term, ``entry``).
+START, FINAL = 1, 2
 #: The bit of a class-sorted state's code (``sorted``) above its class: the last state of its class.
 LAST_BIT = 30
-_START, _FINAL, _ENTRY = tl.constexpr(START), tl.constexpr(FINAL), tl.constexpr(ENTRY)
+_START, _FINAL = tl.constexpr(START), tl.constexpr(FINAL)
 _LAST = tl.constexpr(LAST_BIT)
 _CLASS_MASK = tl.constexpr((1 << LAST_BIT) - 1)
 

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ctclab
 from ctclab import backends
@@ -250,3 +252,19 @@ def test_the_gpu_check_runs_its_code_on_cpu_tensors(capsys, monkeypatch):
     for section in ("parity", "determinism", "loss grid", "loss hard inputs", "loss autograd", "forced_align"):
         assert f"\n{section} " in table, section
     assert "FAIL" not in table and "builtin-cudnn" in table
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)  # few: each example costs the interpreter a second
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(2, 5), st.integers(0, 3), st.sampled_from(list(TOPOLOGIES)),
+       st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.3), st.integers(0, 2**31 - 1))
+def test_random_ragged_batches_match_the_cpu_kernels(T, B, C, L, topology, delay, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    lp = (2 * torch.randn(T, B, C, generator=g, dtype=torch.float64)).log_softmax(-1)
+    lp = lp.masked_fill(torch.rand(T, B, C, generator=g) < masked, -torch.inf)  # impossible frames and classes
+    targets = torch.randint(1, C, (B, max(L, 1)), generator=g)[:, :L]
+    tl = torch.randint(0, L + 1, (B,), generator=g)
+    il = torch.randint(0, T + 1, (B,), generator=g)
+    got = _loss_and_grad("triton", lp.to(DEVICE), targets, il, tl, topology=topology, delay_penalty=delay)
+    want = _loss_and_grad("numba", lp, targets, il, tl, topology=topology, delay_penalty=delay)
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-8, atol=1e-10)

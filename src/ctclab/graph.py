@@ -146,21 +146,19 @@ class CTCGraph:
         B, L = targets.shape
         S = 2 * L + 1
         device = targets.device
+        # few, whole-array torch ops: at small shapes their count, not their size, is the cost
         labels = torch.full((B, S), batch.blank, dtype=torch.int64, device=device)
         labels[:, 1::2] = targets
         states = torch.arange(S, device=device)
         num_states = 2 * batch.target_lengths[:, None] + 1
-        label_states = (states % 2 == 1) & (states < num_states)
+        inside = states < num_states  # no way into an item's padding states
+        label_states = (states % 2 == 1) & inside
         stay, advance, skip = TOPOLOGIES[topology](targets, label_states)
-        moves = torch.zeros(3, B, S, dtype=torch.float64, device=device)
-        moves[SKIP].masked_fill_(~skip, -torch.inf)
-        moves[ADVANCE].masked_fill_(~advance, -torch.inf)
-        moves[STAY].masked_fill_(~stay, -torch.inf)
-        moves.masked_fill_(states >= num_states, -torch.inf)  # no way into an item's padding states
-        has_labels = batch.target_lengths[:, None] > 0
-        start = (states == 0) | ((states == 1) & has_labels)
-        last = num_states - 1
-        final = (states == last) | ((states == last - 1) & has_labels)
+        allowed = torch.stack((skip, advance, stay)) & inside  # SKIP, ADVANCE, STAY
+        moves = torch.zeros(3, B, S, dtype=torch.float64, device=device).masked_fill_(~allowed, -torch.inf)
+        has_labels = (batch.target_lengths[:, None] > 0).long()
+        start = states <= has_labels  # state 0, and state 1 if there is a label
+        final = inside & (states >= num_states - 1 - has_labels)  # the last blank, and the last label
         return cls(labels, moves, start, final, label_states, batch.input_lengths, batch.target_lengths,
                    batch.blank, topology, float(delay_penalty))
 

@@ -12,6 +12,7 @@ CUDA driver needed: Triton ships ``ptxas`` — and reads the resources the compi
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -25,8 +26,10 @@ from dataclasses import dataclass
 HOPPER = ("cuda", 90, 32)
 
 
+@functools.cache
 def available() -> bool:
-    """Whether ``triton`` can be imported (checked without importing it)."""
+    """Whether ``triton`` can be imported (checked without importing it; once: the registry asks
+    on every call, and the file-system search cost ~0.1 ms a call)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -67,7 +67,7 @@ def test_a_small_budget_checkpoints_automatically(monkeypatch):
     lp = logits.log_softmax(-1)
     seen = []
     kernel = ctclab.backends.numba_viterbi.viterbi
-    monkeypatch.setattr(ctclab.backends.numba_viterbi, "viterbi", lambda *a: seen.append(a[4]) or kernel(*a))
+    monkeypatch.setattr(ctclab.backends.numba_viterbi, "viterbi", lambda *a: seen.append(a[2]) or kernel(*a))
     full = forced_align(lp, targets, il, tl)
     S = 2 * L + 1
     budget = viterbi_bytes(T, S, T) // 4  # the full table does not fit
@@ -102,8 +102,8 @@ def _host_has(feature):
 
 @pytest.mark.skipif(not _host_has("avx2"), reason="checks the x86 AVX2 code numba emits for this machine")
 def test_the_step_compiles_to_vector_code():
-    """The frame step (compares, maxima, blends over 4 float64 states in a ymm register), the
-    gather's row and the packing of codes are vector code on x86 with AVX2."""
+    """The frame step (compares, maxima, blends over 4 float64 states in a ymm register, codes
+    converted to bytes a vector at a time) is vector code on x86 with AVX2."""
     nv = ctclab.backends.numba_viterbi
 
     @numba.njit
@@ -116,8 +116,12 @@ def test_the_step_compiles_to_vector_code():
 
     S = 12
     w = nv.Rows(*(np.zeros(S) for _ in range(5)))
-    frame(np.zeros((1, 1, 3)), 0, 0, np.zeros((1, S), dtype=np.int64), np.zeros(S + 4), w, 0.0, np.zeros(S), 0, S,
-          np.zeros(S + 4), np.zeros(S, dtype=np.uint8), np.zeros(S // 4, dtype=np.uint8))
-    asm = "\n".join(frame.inspect_asm().values())
-    for instruction in ("vmaxpd", "vcmpltpd", "vaddpd", "vmulpd"):
-        assert any(instruction in line and "%ymm" in line for line in asm.splitlines()), instruction
+    for dtype, widen in ((np.float64, ()), (np.float32, ("vcvtps2pd",))):
+        frame(np.zeros((1, 1, 3), dtype=dtype), 0, 0, np.zeros((1, S), dtype=np.int64), np.zeros(S + 4), w, 0.0,
+              np.zeros(S, dtype=dtype), 0, S, np.zeros(S + 4), np.zeros(S, dtype=np.uint8), np.zeros(S // 4, dtype=np.uint8))
+    for signature in frame.signatures:
+        lines = [line for line in frame.inspect_asm(signature).splitlines() if "%ymm" in line]
+        for instruction in ("vmaxpd", "vcmpltpd", "vblendvpd", "vaddpd", "vmulpd", "vcvttpd2dq"):
+            assert any(instruction in line for line in lines), instruction
+        # a float32 row is widened a vector at a time
+        assert any("vcvtps2pd" in line for line in lines) == (str(signature[0].dtype) == "float32")

@@ -66,7 +66,8 @@ def _entry_term(delay, t, Tb):
 @_step_jit
 def _gather(log_probs, t, b, labels, lo, hi, emit):
     """``emit[s] = log_probs[t, b, labels[b, s]]`` for the band's states: the frame's emissions
-    as a contiguous float64 row."""
+    as a contiguous row, in the scores' dtype (a float32 row is widened 4 at a time by the
+    step's ``vcvtps2pd`` instead of one by one here)."""
     for s in range(np.uint64(lo), np.uint64(hi)):
         emit[s] = log_probs[t, b, np.uint64(labels[b, s])]
 
@@ -75,7 +76,7 @@ def _gather(log_probs, t, b, labels, lo, hi, emit):
 def _first(w, e, emit, lo, hi, out):
     """Frame 0: ``out[s + 2] = w_start(s) + e_0(s) + y_0(s)``."""
     for s in range(np.uint64(lo), np.uint64(hi)):
-        out[s + _TWO] = (w.start[s] + w.entry[s] * e) + emit[s]
+        out[s + _TWO] = (w.start[s] + w.entry[s] * e) + np.float64(emit[s])
 
 
 @_step_jit
@@ -92,7 +93,7 @@ def _step(prev, w, e, emit, lo, hi, out, codes):
         by_adv = adv > skp
         best = adv if by_adv else skp
         by_stay = stay > best
-        out[s + _TWO] = (stay if by_stay else best) + emit[s]
+        out[s + _TWO] = (stay if by_stay else best) + np.float64(emit[s])
         if codes is not None:  # as a float64 blend of the masks, converted 4 at a time to bytes
             codes[s] = np.uint8(2.0 if by_stay else (1.0 if by_adv else 0.0))
     # the next frame reads states [lo - 2, hi + 2) (the band moves by at most 2 states a frame):
@@ -111,6 +112,30 @@ def _pack(codes, lo, hi, row):
         row[g] = codes[c] | (codes[c + _ONE] << 2) | (codes[c + _TWO] << 4) | (codes[c + np.uint64(3)] << 6)
 
 
+class Graph(NamedTuple):
+    """:class:`ctclab.graph.CTCGraph` as the kernel reads it (numpy arrays, ``S`` states).
+
+    Attributes:
+        labels: ``(B, S)`` int64, the class each state emits.
+        moves: ``(3, B, S)`` float64 log-weights of the moves into each state (skip, advance,
+            stay; ``-inf`` where none).
+        start, final, entry: ``(B, S)`` bool: start states, final states, and the states
+            whose entry the delay penalty weights.
+        band: ``(B, T, 2)`` int64, the states ``[lo, hi)`` to visit at each frame
+            (:meth:`ctclab.graph.CTCGraph.band`).
+        num_states, input_lengths: ``(B,)`` int64.
+    """
+
+    labels: np.ndarray
+    moves: np.ndarray
+    start: np.ndarray
+    final: np.ndarray
+    entry: np.ndarray
+    band: np.ndarray
+    num_states: np.ndarray
+    input_lengths: np.ndarray
+
+
 class Rows(NamedTuple):
     """One item's additive rows (``4 * groups`` float64 each, ``-inf`` / 0 past its states):
     the log-weights of the moves into each state, of starting there, and its entry flag."""
@@ -123,30 +148,26 @@ class Rows(NamedTuple):
 
 
 @_step_jit
-def _rows(moves, g, b, width):
-    """The item's :class:`Rows` from the graph's ``moves`` ``(3, B, S)`` log-weights and its
-    start and entry flags (:class:`ctclab.backends.numba_kernels.KernelGraph`)."""
+def _rows(g, b, width):
+    """Item ``b``'s :class:`Rows` from the graph's arrays (:class:`Graph`)."""
     skip, advance, stay = np.full(width, -np.inf), np.full(width, -np.inf), np.full(width, -np.inf)
     start, entry = np.full(width, -np.inf), np.zeros(width)
     for s in range(g.num_states[b]):
-        skip[s] = moves[0, b, s]
-        advance[s] = moves[1, b, s]
-        stay[s] = moves[2, b, s]
-        start[s] = 0.0 if g.start[b, s] != 0.0 else -np.inf
-        entry[s] = g.entry[b, s]
+        skip[s] = g.moves[0, b, s]
+        advance[s] = g.moves[1, b, s]
+        stay[s] = g.moves[2, b, s]
+        start[s] = 0.0 if g.start[b, s] else -np.inf
+        entry[s] = 1.0 if g.entry[b, s] else 0.0
     return Rows(skip, advance, stay, start, entry)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def viterbi(log_probs, labels, moves, g, checkpoint_every, delay, states, path_scores):
+def viterbi(log_probs, g, checkpoint_every, delay, states, path_scores):
     """Best path of each item (the module docstring's recursion), exact, in float64.
 
     Args:
-        log_probs: ``(T, B, C)`` float32/float64; labels: ``(B, S)`` the class of each state;
-        moves: ``(3, B, S)`` float64 log-weights into each state (skip, advance, stay:
-            ``CTCGraph.moves``); g: the graph's other arrays
-            (:class:`ctclab.backends.numba_kernels.KernelGraph`: band, start, final, entry
-            states, lengths); checkpoint_every: ``K >= 1`` (``>= T``: no checkpointing).
+        log_probs: ``(T, B, C)`` float32/float64; g: the graph (:class:`Graph`);
+        checkpoint_every: ``K >= 1`` (``>= T``: no checkpointing).
         delay: delay penalty ``lam``: entering an entry state at frame t adds ``-lam (t - T_b/2)``.
         states: ``(B, T)`` int64 out, the state of each frame (untouched beyond the input length).
         path_scores: ``(B,)`` float64 out, the best path's total log-score (-inf if none).
@@ -162,19 +183,19 @@ def viterbi(log_probs, labels, moves, g, checkpoint_every, delay, states, path_s
         checkpointed = K < Tb
         segments = (Tb + K - 1) // K
         groups = (Sb + 3) // 4
-        w = _rows(moves, g, b, 4 * groups)
-        emit = np.zeros(4 * groups)
+        w = _rows(g, b, 4 * groups)
+        emit = np.zeros(4 * groups, dtype=log_probs.dtype)
         codes = np.zeros(4 * groups, dtype=np.uint8)
         packed = np.zeros((K, groups), dtype=np.uint8)
         checkpoints = np.empty((segments if checkpointed else 0, 4 * groups + 4))
         delta = np.full(4 * groups + 4, -np.inf)  # two leading -inf stand for states -2, -1
         nxt = np.full(4 * groups + 4, -np.inf)
         lo, hi = g.band[b, 0, 0], g.band[b, 0, 1]
-        _gather(log_probs, 0, b, labels, lo, hi, emit)
+        _gather(log_probs, 0, b, g.labels, lo, hi, emit)
         _first(w, _entry_term(delay, 0, Tb), emit, lo, hi, delta)
         for t in range(1, Tb):
             lo, hi = g.band[b, t, 0], g.band[b, t, 1]
-            _gather(log_probs, t, b, labels, lo, hi, emit)
+            _gather(log_probs, t, b, g.labels, lo, hi, emit)
             if checkpointed:
                 if t % K == 0:
                     checkpoints[t // K, :] = delta
@@ -186,7 +207,7 @@ def viterbi(log_probs, labels, moves, g, checkpoint_every, delay, states, path_s
         best = -np.inf
         state = -1
         for s in range(Sb - 1, -1, -1):  # ties: the highest final state
-            if g.final[b, s] != 0.0 and (state < 0 or delta[s + 2] > best):
+            if g.final[b, s] and (state < 0 or delta[s + 2] > best):
                 best = delta[s + 2]
                 state = s
         path_scores[b] = best
@@ -200,14 +221,14 @@ def viterbi(log_probs, labels, moves, g, checkpoint_every, delay, states, path_s
                 top = state + 1
                 if seg == 0:
                     lo, hi = max(g.band[b, 0, 0], window), min(g.band[b, 0, 1], top)
-                    _gather(log_probs, 0, b, labels, lo, hi, emit)
+                    _gather(log_probs, 0, b, g.labels, lo, hi, emit)
                     delta[:] = -np.inf
                     _first(w, _entry_term(delay, 0, Tb), emit, lo, hi, delta)
                 else:
                     delta[:] = checkpoints[seg, :]
                 for t in range(max(first, 1), stop):
                     lo, hi = max(g.band[b, t, 0], window), min(g.band[b, t, 1], top)
-                    _gather(log_probs, t, b, labels, lo, hi, emit)
+                    _gather(log_probs, t, b, g.labels, lo, hi, emit)
                     _step(delta, w, _entry_term(delay, t, Tb), emit, lo, hi, nxt, codes)
                     _pack(codes, lo, hi, packed[t - first])
                     delta, nxt = nxt, delta

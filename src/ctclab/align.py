@@ -109,11 +109,11 @@ def forced_align(
             by default; with True they are skipped (``aligned`` False).
         checkpoint_every: keep only the scores before every K-th frame and recompute each
             segment's backpointers during the backtrace, in the states the path can pass
-            through (CPU kernel): memory ``~ S (8 T/K + K/4)`` bytes per item instead of
+            through (the numba and Triton kernels): memory ``~ S (8 T/K + K/4)`` bytes per item instead of
             ``T S / 4``, for a recomputation of about ``2K / S`` of a forward pass (the forward
             pass itself then records no backpointers). None: chosen from ``max_memory``.
         max_memory: bytes the alignment's working memory (backpointers, checkpoints, for all
-            items in flight at once, one per core) may take when ``checkpoint_every`` is None:
+            items in flight at once: one per core on CPU, the whole batch on a GPU) may take when ``checkpoint_every`` is None:
             the full backpointer table if it fits, else checkpoints every ``sqrt(32 T)`` frames
             (the least memory). None: :data:`ctclab._memory.DEFAULT_VITERBI_MEMORY` (1 GiB),
             or half the memory available if that is less, so that long inputs take bounded
@@ -122,7 +122,8 @@ def forced_align(
         delay_penalty: as for :func:`ctclab.ctc_loss`; ``path_score`` then includes the entry
             weights (``scores`` stay the emission log-probs).
         impl: the backend (:mod:`ctclab.backends`): ``'auto'`` (the numba kernel on CPU, the
-            PyTorch reference elsewhere), ``'numba'`` or ``'reference'`` (``'kernel'`` and
+            Triton kernel on CUDA when triton is installed, else the PyTorch reference),
+            ``'numba'``, ``'triton'`` or ``'reference'`` (``'kernel'`` and
             ``'torch'``, their former names, still work with a DeprecationWarning).
         batch_first: ``log_probs`` is ``(B, T, C)`` (Hugging Face models' logits, torchaudio's
             aligner's ``(1, T, C)``); the results are those of the time-major call.
@@ -188,7 +189,8 @@ def _checkpoint_every(log_probs: Tensor, trellis: CTCTrellis, max_memory: int | 
     exceeds is an error; the default one is left to the kernel's memory check."""
     T, B, _ = log_probs.shape
     S = trellis.labels.shape[1]
-    items = min(B, os.cpu_count() or 1)  # at most one item per core in flight
+    # on CPU at most one item per core is in flight; a GPU kernel holds every item's table at once
+    items = B if log_probs.device.type != "cpu" else min(B, os.cpu_count() or 1)
     full = items * _memory.viterbi_bytes(T, S, T)
     if max_memory is None:
         if full < _memory.ALWAYS_FITS:

@@ -32,6 +32,20 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
+def add_training_options(parser, minutes: float, batch_size: int, lr: float, eval_every: float, out: str) -> None:
+    """The ``train`` options both testbeds take (loss, variant, budget, batch, learning rate,
+    seed, validation interval, output folder), with the testbed's defaults."""
+    parser.add_argument("--loss", choices=LOSSES, default="fused")
+    parser.add_argument("--variant", help="label_prior=LAMBDA (arXiv 2406.02560), label_smoothing=EPS or focal=GAMMA")
+    parser.add_argument("--minutes", type=float, default=minutes, help="training wall time budget (validation excluded)")
+    parser.add_argument("--steps", type=int, help="stop after this many steps instead")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=float, default=eval_every, help="seconds of training between validations")
+    parser.add_argument("--out", default=out)
+
+
 def parse_variant(text: str | None) -> tuple[str, float] | None:
     """``'label_smoothing=0.1'``, ``'focal=2'`` or ``'label_prior=0.3'`` -> (name, value); None for none."""
     if not text:

@@ -5,23 +5,16 @@ import argparse
 import json
 import sys
 
-from .train import LOSSES, compare, evaluate, train
+from ..common import add_training_options
+from .train import compare, evaluate, train
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ctclab.examples.ocr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a CRNN on rendered text lines")
-    t.add_argument("--loss", choices=LOSSES, default="fused")
-    t.add_argument("--variant", help="label_smoothing=EPS, focal=GAMMA or label_prior=LAMBDA")
-    t.add_argument("--minutes", type=float, default=5.0, help="training wall time budget")
-    t.add_argument("--steps", type=int, help="stop after this many steps instead")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
+    add_training_options(t, minutes=5.0, batch_size=32, lr=3e-3, eval_every=20.0, out="runs/ocr")
     t.add_argument("--train-lines", type=int, default=20000)
-    t.add_argument("--eval-every", type=float, default=20.0, help="seconds of training between validations")
-    t.add_argument("--out", default="runs/ocr")
     t.add_argument("--eval-lines", type=int, default=1000, help="held-out lines for the final report")
     e = sub.add_parser("eval", help="CER (greedy, beam) and alignment error of a checkpoint")
     e.add_argument("checkpoint")

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..common import LOSSES, compare, set_threads
+from ..common import add_training_options, compare, set_threads
 
 
 def main(argv=None) -> int:
@@ -18,17 +18,9 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train the character CTC acoustic model; saves a ctclab model folder OUT/model")
     t.add_argument("--data", default="data/speech")
-    t.add_argument("--loss", choices=LOSSES, default="fused")
-    t.add_argument("--variant", help="label_prior=LAMBDA (arXiv 2406.02560), label_smoothing=EPS or focal=GAMMA")
-    t.add_argument("--minutes", type=float, default=10.0, help="training wall time budget (validation excluded)")
-    t.add_argument("--steps", type=int, help="stop after this many steps instead")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
+    add_training_options(t, minutes=10.0, batch_size=8, lr=3e-3, eval_every=60.0, out="runs/speech")
     t.add_argument("--val", type=int, default=100, help="validation utterances (held-out sentences, not the test set)")
-    t.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between validations")
-    t.add_argument("--threads", type=int, default=1, help="torch threads")
-    t.add_argument("--out", default="runs/speech")
+    t.add_argument("--threads", type=int, default=1, help="torch and numba threads")
     e = sub.add_parser("eval", help="word boundary error and CER of trained models on the held-out test set")
     e.add_argument("runs", nargs="+", help="training run folders (OUT of train); label-prior runs are found by their config")
     e.add_argument("--data", default="data/speech")

@@ -7,6 +7,8 @@ Methods (each word's start and end against the truth, in ms):
 
 - ``viterbi``: the pipeline's words (the Viterbi path; a word spans its first token's first
   frame to its last token's end, in seconds from the model's frame shift);
+- ``viterbi_delimiter_onset``: the same, but a word after the first starts where the path
+  enters the delimiter ``|`` before it (the model learns to emit ``|`` at a word's onset);
 - ``posterior``: the frames where the word's states (its first to its last label state of the
   blank-extended target, the blanks inside it included) hold posterior occupancy >= 0.5, from
   the pipeline's emissions and the targets of its own text preparation;
@@ -94,6 +96,21 @@ def posterior_word_frames(log_probs: torch.Tensor, targets: tuple[int, ...], wor
         if len(frames) == 0:
             frames = occupancy.argmax().reshape(1)
         out.append((int(frames[0]), int(frames[-1]) + 1))
+    return out
+
+
+def delimiter_onsets(result, prepared, frame_shift: float) -> list[tuple[float, float]]:
+    """The pipeline's word times, each word after the first starting where the delimiter token
+    before it starts (this model emits its ``|`` at the onset of the next word, its first
+    letter later): ``(start, end)`` seconds per word."""
+    first_token = {}
+    for j, w in enumerate(prepared.word_index):
+        first_token.setdefault(w, j)
+    out = []
+    for i, word in enumerate(result.words):
+        j = first_token[i]
+        before = result.tokens[j - 1] if j > 0 and prepared.word_index[j - 1] == -1 else None
+        out.append((before.start * frame_shift if before is not None else word.start_time, word.end_time))
     return out
 
 
@@ -187,7 +204,8 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
         history = json.loads((Path(run) / "history.json").read_text()) if (Path(run) / "history.json").is_file() else None
         label = run_label(history["config"]) if history else Path(run).name
         model = load_acoustic_model(folder, device="cpu")
-        methods = {"viterbi": Errors(), "posterior": Errors(), **{f"blank_penalty={b:g}": Errors() for b in penalties}}
+        methods = {"viterbi": Errors(), "viterbi_delimiter_onset": Errors(), "posterior": Errors(),
+                   **{f"blank_penalty={b:g}": Errors() for b in penalties}}
         emissions, kept = [], []
         for i, u in enumerate(test):
             print(f"\r{label}: aligning {i + 1}/{len(test)}", end="", file=sys.stderr, flush=True)
@@ -196,6 +214,7 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
             prepared = prepare_text(u.text, model.vocabulary, model.blank, model.word_delimiter)
             methods["viterbi"].add(u, [(w.start_time, w.end_time) for w in result.words], [w.confidence for w in result.words])
             shift = model.frame_shift
+            methods["viterbi_delimiter_onset"].add(u, delimiter_onsets(result, prepared, shift))
             frames = posterior_word_frames(lp, prepared.targets, prepared.word_index, model.blank, len(u.words))
             methods["posterior"].add(u, [(a * shift, b * shift) for a, b in frames])
             for b in penalties:
@@ -280,11 +299,13 @@ def draw(report: dict, figures: dict, out: Path) -> None:
             write_atomically(out / f"boundaries-{name}-{u.id}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=90))
             plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, (methods, _, _) in figures.items():
-        for name, e in methods.items():
+    colours = plt.get_cmap("tab10")
+    for r, (label, (methods, _, _)) in enumerate(figures.items()):
+        for m, (name, e) in enumerate(methods.items()):
             for ax, side in zip(axes, ("start", "end")):
                 ms = np.sort(np.abs(getattr(e, side))) * 1000
-                ax.plot(ms, np.linspace(0, 1, len(ms)), label=f"{label}: {name}")
+                ax.plot(ms, np.linspace(0, 1, len(ms)), color=colours(m % 10), linestyle=("-", "--", ":", "-.")[r % 4],
+                        label=f"{label}: {name}")
     for ax, side in zip(axes, ("start", "end")):
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel(f"|word {side} error| (ms)")

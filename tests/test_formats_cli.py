@@ -8,7 +8,7 @@ import torch
 
 from ctclab import forced_align, token_spans, word_spans
 from ctclab.cli import main
-from ctclab.formats import to_ctm, to_json, to_srt, to_textgrid, to_vtt
+from ctclab.formats import to_ctm, to_json, to_srt, to_text, to_textgrid, to_vtt
 
 VOCAB = ["<b>", "|", "a", "b", "c", "d"]
 
@@ -71,6 +71,17 @@ def test_srt_and_vtt_cues(aligned):
     vtt = to_vtt(words, VOCAB, 0.02, words_per_cue=2)
     assert vtt.startswith("WEBVTT\n\n")
     assert re.findall(r"(\d\d:\d\d:\d\d\.\d\d\d) --> (\d\d:\d\d:\d\d\.\d\d\d)\n(.+)\n", vtt)[0][2] == "ab cd"
+
+
+def test_to_text_is_each_text_format_and_names_an_unknown_one(aligned):
+    lp, spans, words = aligned
+    duration = lp.shape[0] * 0.02
+    assert to_text("ctm", words, spans, VOCAB, 0.02, "u1") == to_ctm(words, VOCAB, 0.02, "u1")
+    assert to_text("textgrid", words, spans, VOCAB, 0.02, "u1", duration) == to_textgrid(words, spans, VOCAB, 0.02, duration)
+    assert to_text("srt", words, spans, VOCAB, 0.02) == to_srt(words, VOCAB, 0.02)
+    assert to_text("vtt", words, spans, VOCAB, 0.02) == to_vtt(words, VOCAB, 0.02)
+    with pytest.raises(ValueError, match="format must be one of ctm, textgrid, srt, vtt, got 'json'"):
+        to_text("json", words, spans, VOCAB, 0.02)
 
 
 def test_alignment_words_are_the_word_type_of_decoding(aligned):

@@ -394,44 +394,15 @@ def _required_frames(row: list[int]) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
+    """``ctclab align``: audio with ``--model`` (:func:`_align_audio`), else EMISSIONS with
+    ``--vocab`` and their transcripts."""
     import torch
 
-    from . import formats
-    from .align import STAR, alignment_posteriors, forced_align, token_spans, word_spans
+    from .align import STAR, alignment_posteriors
 
     if args.model is not None:
         return _align_audio(args)
-    for flag in ("manifest", "device", "shard", "plot_dir"):
-        if getattr(args, flag) is not None:
-            raise _usage(f"--{flag.replace('_', '-')} needs --model DIR (an acoustic model)")
-    if args.resume or args.romanize:
-        raise _usage(f"--{'resume' if args.resume else 'romanize'} needs --model DIR (an acoustic model)")
-    if args.emissions is None:
-        raise _usage("give EMISSIONS (a .pt, .npy or .npz file) with --vocab, or --model DIR with audio")
-    if args.vocab is None:
-        raise _usage("EMISSIONS need --vocab (the tokens of their classes)")
-    if args.text is None and args.text_file is None:
-        raise _usage("give the transcript: --text or --text-file")
-    if len(args.format) != 1:
-        raise _usage(f"--format takes one format for EMISSIONS, got {','.join(args.format)}")
-    args.format = args.format[0]
-    args.blank = 0 if args.blank is None else args.blank
-    args.utterance = "utt" if args.utterance is None else args.utterance
-    # what can be told from the arguments alone, before anything is read or computed
-    if args.out is not None and args.out_dir is not None:
-        raise _usage("give --out or --out-dir, not both")
-    if re.search(r"\s", args.utterance) or not args.utterance:
-        raise _usage(f"--utterance must be one word without spaces (it is a CTM field), got {args.utterance!r}")
-    if args.out_dir is not None and (re.search(r"[/\\]", args.utterance) or args.utterance in (".", "..")):
-        raise _usage(f"--utterance {args.utterance!r} names the files in --out-dir: use no slashes")
-    _check_output("--out", args.out)
-    _check_output("--out-dir", args.out_dir, folder=True)
-    _check_output("--plot", args.plot)
-    if args.plot:
-        _check_plot_format(args.plot)
-    for flag, path, what in (("EMISSIONS", args.emissions, "emissions"), ("--vocab", args.vocab, "vocabulary file"),
-                             ("--text-file", args.text_file, None)):
-        _require_file(flag, path, what)
+    _check_emissions_arguments(args)
     vocab = _load_vocab(args)
     texts, names = _read_texts(args)
     if args.format in PER_FILE_FORMATS and len(texts) > 1 and args.out_dir is None:
@@ -452,40 +423,11 @@ def _align(args: argparse.Namespace) -> int:
     targets = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     target_lengths = torch.tensor([len(r) for r in rows])
     ids = [args.utterance] if len(texts) == 1 else [f"{args.utterance}-{b + 1}" for b in range(len(texts))]
-    try:
-        ali = forced_align(batch, targets, lengths, target_lengths, blank=args.blank, star=args.star, skip_infeasible=True)
-    except ValueError as error:
-        raise CommandError(f"cannot align: {_one_line(error)}") from None
-    failed = [b for b in range(len(texts)) if not bool(ali.aligned[b])]
-    if failed:
-        b = failed[0]
-        need, have = _required_frames(rows[b]), int(lengths[b])
-        why = (f"its text needs at least {need} frames (one per token, one more between repeated tokens) but it has {have}"
-               if need > have else "every path through the emissions gives some token of its text probability 0")
-        more = f" ({len(failed)} utterances cannot: {', '.join(ids[i] for i in failed[:5])}{', ...' if len(failed) > 5 else ''})" if len(failed) > 1 else ""
-        raise CommandError(f"utterance {ids[b]!r} ({names[b]}) cannot be aligned: {why}{more}")
+    ali = _align_rows(args, batch, lengths, rows, targets, target_lengths, ids, names)
     posteriors = None
     if args.confidence:
         posteriors = alignment_posteriors(batch, targets, ali, lengths, target_lengths, args.blank, star=args.star)
-    delimiter = vocab.index(vocab.delimiter) if vocab.delimiter is not None else None
-    documents = []
-    for b, spans in enumerate(token_spans(ali, blank=args.blank, posteriors=posteriors)):
-        text_spans = [s for s in spans if s.token != STAR]
-        grouping = dict(separator=delimiter) if delimiter is not None else dict(word_lengths=encoded[b][1])
-        words = word_spans(text_spans, **grouping, vocab=vocab, frame_shift=args.frame_shift)
-        if not words:
-            raise CommandError(f"utterance {ids[b]!r} ({names[b]}) aligned to no words")
-        duration = int(lengths[b]) * args.frame_shift
-        if args.format == "json":
-            documents.append(formats.to_json(spans, words, vocab, args.frame_shift, ids[b]))
-        elif args.format == "ctm":
-            documents.append(formats.to_ctm(words, vocab, args.frame_shift, ids[b]))
-        elif args.format == "textgrid":
-            documents.append(formats.to_textgrid(words, spans, vocab, args.frame_shift, duration))
-        elif args.format == "srt":
-            documents.append(formats.to_srt(words, vocab, args.frame_shift))
-        else:
-            documents.append(formats.to_vtt(words, vocab, args.frame_shift))
+    documents = _emission_documents(args, vocab, ali, posteriors, lengths, encoded, ids, names)
     figure = None
     if args.plot:  # drawn before anything is written: a failure here leaves no outputs half done
         from .plot import plot_alignment
@@ -495,17 +437,7 @@ def _align(args: argparse.Namespace) -> int:
         target = targets[0, : target_lengths[0]]
         occupation = state_occupation(batch[:n, 0], target, blank=args.blank, star=args.star)
         figure = plot_alignment(batch[:n, 0], target, ali.item(0), vocab, args.blank, occupation)
-
-    if args.out_dir is not None:
-        for name, document in zip(ids, documents):
-            text = formats.dumps_json([document]) + "\n" if args.format == "json" else document
-            _write_text("--out-dir", Path(args.out_dir) / f"{name}.{EXTENSIONS[args.format]}", text)
-    else:
-        text = formats.dumps_json(documents) + "\n" if args.format == "json" else "".join(documents)
-        if args.out:
-            _write_text("--out", args.out, text)
-        else:
-            sys.stdout.write(text)
+    _write_documents(args, ids, documents)
     if figure is not None:
         import matplotlib.pyplot as plt
 
@@ -514,6 +446,97 @@ def _align(args: argparse.Namespace) -> int:
         finally:
             plt.close(figure)
     return 0
+
+
+def _check_emissions_arguments(args: argparse.Namespace) -> None:
+    """``ctclab align EMISSIONS``'s usage errors: what can be told from the arguments alone,
+    before anything is read or computed. Fills in the defaults of the emissions mode."""
+    for flag in ("manifest", "device", "shard", "plot_dir"):
+        if getattr(args, flag) is not None:
+            raise _usage(f"--{flag.replace('_', '-')} needs --model DIR (an acoustic model)")
+    if args.resume or args.romanize:
+        raise _usage(f"--{'resume' if args.resume else 'romanize'} needs --model DIR (an acoustic model)")
+    if args.emissions is None:
+        raise _usage("give EMISSIONS (a .pt, .npy or .npz file) with --vocab, or --model DIR with audio")
+    if args.vocab is None:
+        raise _usage("EMISSIONS need --vocab (the tokens of their classes)")
+    if args.text is None and args.text_file is None:
+        raise _usage("give the transcript: --text or --text-file")
+    if len(args.format) != 1:
+        raise _usage(f"--format takes one format for EMISSIONS, got {','.join(args.format)}")
+    args.format = args.format[0]
+    args.blank = 0 if args.blank is None else args.blank
+    args.utterance = "utt" if args.utterance is None else args.utterance
+    if args.out is not None and args.out_dir is not None:
+        raise _usage("give --out or --out-dir, not both")
+    if re.search(r"\s", args.utterance) or not args.utterance:
+        raise _usage(f"--utterance must be one word without spaces (it is a CTM field), got {args.utterance!r}")
+    if args.out_dir is not None and (re.search(r"[/\\]", args.utterance) or args.utterance in (".", "..")):
+        raise _usage(f"--utterance {args.utterance!r} names the files in --out-dir: use no slashes")
+    _check_output("--out", args.out)
+    _check_output("--out-dir", args.out_dir, folder=True)
+    _check_output("--plot", args.plot)
+    if args.plot:
+        _check_plot_format(args.plot)
+    for flag, path, what in (("EMISSIONS", args.emissions, "emissions"), ("--vocab", args.vocab, "vocabulary file"),
+                             ("--text-file", args.text_file, None)):
+        _require_file(flag, path, what)
+
+
+def _align_rows(args, batch, lengths, rows, targets, target_lengths, ids, names):
+    """The alignment of every utterance; a CommandError naming the first that has no path and why."""
+    from .align import forced_align
+
+    try:
+        ali = forced_align(batch, targets, lengths, target_lengths, blank=args.blank, star=args.star, skip_infeasible=True)
+    except ValueError as error:
+        raise CommandError(f"cannot align: {_one_line(error)}") from None
+    failed = [b for b in range(len(rows)) if not bool(ali.aligned[b])]
+    if failed:
+        b = failed[0]
+        need, have = _required_frames(rows[b]), int(lengths[b])
+        why = (f"its text needs at least {need} frames (one per token, one more between repeated tokens) but it has {have}"
+               if need > have else "every path through the emissions gives some token of its text probability 0")
+        more = f" ({len(failed)} utterances cannot: {', '.join(ids[i] for i in failed[:5])}{', ...' if len(failed) > 5 else ''})" if len(failed) > 1 else ""
+        raise CommandError(f"utterance {ids[b]!r} ({names[b]}) cannot be aligned: {why}{more}")
+    return ali
+
+
+def _emission_documents(args, vocab, ali, posteriors, lengths, encoded, ids, names) -> list:
+    """One document per utterance in ``args.format``: a JSON object, or the format's text."""
+    from . import formats
+    from .align import STAR, token_spans, word_spans
+
+    delimiter = vocab.index(vocab.delimiter) if vocab.delimiter is not None else None
+    documents = []
+    for b, spans in enumerate(token_spans(ali, blank=args.blank, posteriors=posteriors)):
+        text_spans = [s for s in spans if s.token != STAR]
+        grouping = dict(separator=delimiter) if delimiter is not None else dict(word_lengths=encoded[b][1])
+        words = word_spans(text_spans, **grouping, vocab=vocab, frame_shift=args.frame_shift)
+        if not words:
+            raise CommandError(f"utterance {ids[b]!r} ({names[b]}) aligned to no words")
+        if args.format == "json":
+            documents.append(formats.to_json(spans, words, vocab, args.frame_shift, ids[b]))
+        else:
+            duration = int(lengths[b]) * args.frame_shift
+            documents.append(formats.to_text(args.format, words, spans, vocab, args.frame_shift, ids[b], duration))
+    return documents
+
+
+def _write_documents(args, ids, documents) -> None:
+    """The documents to ``--out-dir`` (one file per utterance), ``--out`` or stdout, atomically."""
+    from . import formats
+
+    if args.out_dir is not None:
+        for name, document in zip(ids, documents):
+            text = formats.dumps_json([document]) + "\n" if args.format == "json" else document
+            _write_text("--out-dir", Path(args.out_dir) / f"{name}.{EXTENSIONS[args.format]}", text)
+        return
+    text = formats.dumps_json(documents) + "\n" if args.format == "json" else "".join(documents)
+    if args.out:
+        _write_text("--out", args.out, text)
+    else:
+        sys.stdout.write(text)
 
 
 def _plot_format(path: str) -> str:

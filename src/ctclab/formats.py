@@ -161,6 +161,23 @@ def to_vtt(words: Sequence[WordSpan], vocab: Sequence[str], frame_shift: float, 
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
+def to_text(
+    format: str, words: Sequence[WordSpan], tokens: Sequence[TokenSpan], vocab: Sequence[str], frame_shift: float,
+    utterance: str = "utt", duration: float | None = None,
+) -> str:
+    """One utterance's alignment in a text ``format``: ``ctm``, ``textgrid`` (word and token tiers;
+    ``duration`` in seconds), ``srt`` or ``vtt``."""
+    if format == "ctm":
+        return to_ctm(words, vocab, frame_shift, utterance)
+    if format == "textgrid":
+        return to_textgrid(words, tokens, vocab, frame_shift, duration)
+    if format == "srt":
+        return to_srt(words, vocab, frame_shift)
+    if format == "vtt":
+        return to_vtt(words, vocab, frame_shift)
+    raise ValueError(f"format must be one of ctm, textgrid, srt, vtt, got {format!r}")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

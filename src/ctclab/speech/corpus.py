@@ -94,15 +94,9 @@ class AudioAlignment:
         vocab, shift = self.vocabulary, self.frame_shift
         if format == "json":
             return writers.strict_json(self.to_json()) + "\n"
-        if format == "ctm":
-            return writers.to_ctm(self.words, vocab, shift, self.id)
-        if format == "textgrid":
-            return writers.to_textgrid(self.words, self.tokens, vocab, shift, self.duration)
-        if format == "srt":
-            return writers.to_srt(self.words, vocab, shift)
-        if format == "vtt":
-            return writers.to_vtt(self.words, vocab, shift)
-        raise ValueError(f"format must be one of {', '.join(EXTENSIONS)}, got {format!r}")
+        if format not in EXTENSIONS:
+            raise ValueError(f"format must be one of {', '.join(EXTENSIONS)}, got {format!r}")
+        return writers.to_text(format, self.words, self.tokens, vocab, shift, self.id, self.duration)
 
 
 def _required_frames(targets: Sequence[int]) -> int:

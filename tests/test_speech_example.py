@@ -18,7 +18,7 @@ from ctclab.examples.speech.data import (HELD_OUT_VOICE, SAMPLE_RATE, TRIM_DB, i
                                          read_split, write_split)
 from ctclab.examples.speech.evaluate import states_of_labels, word_frames_from_states  # noqa: E402
 from ctclab.examples.speech.model import VOCABULARY, build  # noqa: E402
-from ctclab.examples.speech.train import decode_text, encode, train  # noqa: E402
+from ctclab.examples.speech.train import decode_text, encode, load_checkpoint, train  # noqa: E402
 
 TINY = dict(channels=32, hidden=32)
 
@@ -96,6 +96,31 @@ def test_loss_decreases_in_a_tiny_run(tmp_path):
                     model_config=TINY, progress=False)
     losses = [v for _, _, v in history["steps"]]
     assert len(losses) == 20 and np.mean(losses[-5:]) < 0.7 * losses[0]
+
+
+def test_init_from_starts_from_the_runs_weights(tmp_path):
+    write_split(tmp_path / "train", make_split(8, seed=0))
+    small = dict(batch_size=4, val_utterances=1, eval_every=1e9, progress=False)
+    train(tmp_path, max_steps=2, out=tmp_path / "a", model_config=TINY, **small)
+    start, _ = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    # lr 0: the fine-tuned run's parameters are its starting ones, not a fresh model's (the
+    # batch norms' running statistics move with every training forward, so parameters only)
+    train(tmp_path, max_steps=1, lr=0.0, out=tmp_path / "b", init_from=tmp_path / "a", seed=0, **small)
+    tuned, state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    fresh = build(**TINY)  # trained two steps, "a" is not where a model starts
+    assert state["model_config"] == TINY and state["config"]["init_from"] == str(tmp_path / "a")
+    start_parameters = dict(start.named_parameters())
+    for name, value in tuned.named_parameters():
+        torch.testing.assert_close(value, start_parameters[name], rtol=0, atol=0)
+    assert any(not torch.equal(v, start_parameters[n]) for n, v in fresh.named_parameters())
+    # it trains from there: a step at the default lr moves the weights
+    train(tmp_path, max_steps=1, out=tmp_path / "d", init_from=tmp_path / "a" / "checkpoint.pt", **small)
+    moved, _ = load_checkpoint(tmp_path / "d" / "checkpoint.pt")
+    assert any(not torch.equal(v, start_parameters[n]) for n, v in moved.named_parameters())
+    with pytest.raises(ValueError, match="model_config"):
+        train(tmp_path, max_steps=1, out=tmp_path / "e", init_from=tmp_path / "a", model_config={}, **small)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(tmp_path, max_steps=1, out=tmp_path / "e", init_from=tmp_path / "missing", **small)
 
 
 def test_model_folder_loads_through_the_audio_pipeline(tmp_path):

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     add_training_options(t, minutes=10.0, batch_size=8, lr=3e-3, eval_every=60.0, out="runs/speech")
     t.add_argument("--val", type=int, default=100, help="validation utterances (held-out sentences, not the test set)")
     t.add_argument("--threads", type=int, default=1, help="torch and numba threads")
+    t.add_argument("--init-from", metavar="RUN", help="fine-tune from this training run's folder (or checkpoint.pt)")
     e = sub.add_parser("eval", help="word boundary error and CER of trained models on the held-out test set")
     e.add_argument("runs", nargs="+", help="training run folders (OUT of train); label-prior runs are found by their config")
     e.add_argument("--data", default="data/speech")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
 
             set_threads(args.threads)
             history = train(args.data, args.loss, args.variant, args.minutes, args.steps, args.batch_size, args.lr,
-                            args.seed, args.val, args.eval_every, args.out)
+                            args.seed, args.val, args.eval_every, args.out, init_from=args.init_from)
             steps, evals = history["steps"], history["evals"]
             print(json.dumps({"steps": len(steps), "training_minutes": round(steps[-1][1] / 60, 2),
                               "final_loss": steps[-1][2], "val_cer_greedy": evals[-1][2], "out": args.out}, indent=2))

@@ -76,28 +76,52 @@ def load_checkpoint(path: str | Path) -> tuple[AcousticCNNLSTM, dict]:
     return model.eval(), state
 
 
+def _checkpoint_path(run: str | Path) -> Path:
+    """``run/checkpoint.pt`` of a training run's folder, or ``run`` itself when it is a file."""
+    path = Path(run)
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {str(run)!r} is neither a training run's folder (with {CHECKPOINT}) "
+                                "nor a checkpoint file")
+    return path
+
+
 def train(data: str | Path, loss: str = "fused", variant: str | None = None, minutes: float = 10.0,
           max_steps: int | None = None, batch_size: int = 8, lr: float = 3e-3, seed: int = 0,
           val_utterances: int = 100, eval_every: float = 60.0, out: str | Path = "runs/speech",
-          model_config: dict | None = None, progress: bool = True, train_limit: int | None = None) -> dict:
+          model_config: dict | None = None, progress: bool = True, train_limit: int | None = None,
+          init_from: str | Path | None = None) -> dict:
     """Train :class:`AcousticCNNLSTM` on ``data/train`` (made by ``python -m ctclab.examples.speech
     data``) for ``minutes`` of training wall time (or ``max_steps``), with greedy CER on
     ``val_utterances`` fresh held-out-sentence utterances (seed ``seed + 1000``, not the test
     set) every ``eval_every`` seconds. Writes ``out/checkpoint.pt`` (and, at every validation,
     the model folder ``out/model`` when :mod:`ctclab.speech` is there) and ``out/history.json``;
-    returns the history. ``variant``: as for the OCR testbed, e.g. ``label_prior=0.3``."""
+    returns the history. ``variant``: as for the OCR testbed, e.g. ``label_prior=0.3``.
+    ``init_from``: a training run's folder (or its ``checkpoint.pt``) to fine-tune: the model
+    starts from its weights and architecture (``model_config`` must then be None or the same),
+    with a fresh optimiser; label priors fine-tune a model that already aligns, as in
+    arXiv 2406.02560."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if init_from is None:
+        model_config = dict(model_config or {})
+        model = build(**model_config)
+    else:
+        model, state = load_checkpoint(_checkpoint_path(init_from))
+        if model_config is not None and dict(model_config) != state["model_config"]:
+            raise ValueError(f"model_config {model_config} differs from init_from's {state['model_config']}: "
+                             "pass none (the checkpoint's is used)")
+        model_config = dict(state["model_config"])
+        model.train()
     criterion = make_criterion(loss, parse_variant(variant), blank=BLANK)
     pool = sorted(read_split(Path(data) / "train", train_limit), key=lambda u: len(u.audio))
     if not pool:
         raise ValueError(f"no training utterances in {str(Path(data) / 'train')!r}")
     validation = make_split(val_utterances, seed + 1000, "test")
-    model_config = dict(model_config or {})
-    model = build(**model_config)
     config = dict(loss=loss, variant=variant, minutes=minutes, batch_size=batch_size, lr=lr, seed=seed,
-                  data=str(data), train_utterances=len(pool), model=model_config)
+                  data=str(data), train_utterances=len(pool), model=model_config,
+                  init_from=None if init_from is None else str(init_from))
 
     def batch(rng: random.Random):
         first = rng.randrange(max(1, len(pool) - batch_size + 1))  # a window of similar lengths: little padding

@@ -439,12 +439,7 @@ def _align(args: argparse.Namespace) -> int:
         figure = plot_alignment(batch[:n, 0], target, ali.item(0), vocab, args.blank, occupation)
     _write_documents(args, ids, documents)
     if figure is not None:
-        import matplotlib.pyplot as plt
-
-        try:
-            _write_output("--plot", args.plot, lambda f: figure.savefig(f, format=_plot_format(args.plot), dpi=110))
-        finally:
-            plt.close(figure)
+        _save_figure(figure, args.plot, dpi=110)
     return 0
 
 
@@ -537,6 +532,16 @@ def _write_documents(args, ids, documents) -> None:
         _write_text("--out", args.out, text)
     else:
         sys.stdout.write(text)
+
+
+def _save_figure(figure, path: str, dpi: int) -> None:
+    """Write a matplotlib ``figure`` to ``--plot`` ``path`` atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        _write_output("--plot", path, lambda f: figure.savefig(f, format=_plot_format(path), dpi=dpi))
+    finally:
+        plt.close(figure)
 
 
 def _plot_format(path: str) -> str:
@@ -678,12 +683,7 @@ def _align_audio(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(result.render(args.format[0]))
     if args.plot:
-        import matplotlib.pyplot as plt
-
-        try:
-            _write_output("--plot", args.plot, lambda f: figure.savefig(f, format=_plot_format(args.plot), dpi=100))
-        finally:
-            plt.close(figure)
+        _save_figure(figure, args.plot, dpi=100)
     return 0
 
 

@@ -181,6 +181,12 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor, B: int) -> Tensor:
     return targets[index.clamp(max=total - 1)]
 
 
+def required_frames(targets: Sequence[int]) -> int:
+    """Frames the shortest standard CTC path through ``targets`` takes: one per token, one more
+    between repeated tokens (a blank must separate them)."""
+    return len(targets) + sum(1 for a, b in zip(targets, targets[1:]) if a == b)
+
+
 def ctc_batch(
     log_probs: Tensor,
     targets: Tensor | None,

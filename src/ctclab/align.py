@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -190,7 +189,12 @@ def _checkpoint_every(log_probs: Tensor, trellis: CTCTrellis, max_memory: int | 
     T, B, _ = log_probs.shape
     S = trellis.labels.shape[1]
     # on CPU at most one item per core is in flight; a GPU kernel holds every item's table at once
-    items = B if log_probs.device.type != "cpu" else min(B, os.cpu_count() or 1)
+    if log_probs.device.type == "cpu":
+        from .backends.numba_cpu import _threads  # the kernel's threads: one item each in flight
+
+        items = min(B, _threads())
+    else:
+        items = B
     full = items * _memory.viterbi_bytes(T, S, T)
     if max_memory is None:
         if full < _memory.ALWAYS_FITS:

@@ -389,10 +389,6 @@ def _read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return lines, [f"line {n} of --text-file {args.text_file!r}" for n in range(1, len(lines) + 1)]
 
 
-def _required_frames(row: list[int]) -> int:
-    return len(row) + sum(1 for a, b in zip(row, row[1:]) if a == b)
-
-
 def _align(args: argparse.Namespace) -> int:
     """``ctclab align``: audio with ``--model`` (:func:`_align_audio`), else EMISSIONS with
     ``--vocab`` and their transcripts."""
@@ -480,6 +476,7 @@ def _check_emissions_arguments(args: argparse.Namespace) -> None:
 
 def _align_rows(args, batch, lengths, rows, targets, target_lengths, ids, names):
     """The alignment of every utterance; a CommandError naming the first that has no path and why."""
+    from ._inputs import required_frames
     from .align import forced_align
 
     try:
@@ -489,7 +486,7 @@ def _align_rows(args, batch, lengths, rows, targets, target_lengths, ids, names)
     failed = [b for b in range(len(rows)) if not bool(ali.aligned[b])]
     if failed:
         b = failed[0]
-        need, have = _required_frames(rows[b]), int(lengths[b])
+        need, have = required_frames(rows[b]), int(lengths[b])
         why = (f"its text needs at least {need} frames (one per token, one more between repeated tokens) but it has {have}"
                if need > have else "every path through the emissions gives some token of its text probability 0")
         more = f" ({len(failed)} utterances cannot: {', '.join(ids[i] for i in failed[:5])}{', ...' if len(failed) > 5 else ''})" if len(failed) > 1 else ""

@@ -72,12 +72,12 @@ class _KernelState:
         # double the loss's memory for vocabularies of thousands)
         self.compact = C > 2 * U
         self.per_state = per_state
-        loglik, _, self.log_space, self.occupancy = self._run(need_grad)
+        loglik, self.log_space, self.occupancy = self._run(need_grad)
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
         self.nll = (-loglik).to(log_probs.dtype)
 
-    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The kernels' log-likelihoods, error bounds, log-space items and (with ``need_grad``)
+    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods, the items they recomputed in log space and (with ``need_grad``)
         posteriors in the scores' dtype: per class, or per state ``(T, B, S)`` with :attr:`per_state`."""
         import numba
 
@@ -106,7 +106,7 @@ class _KernelState:
         all_threads = numba.get_num_threads()
         numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
         try:
-            loglik, error, log_space = map(torch.from_numpy, numba_kernels.forward_backward(
+            loglik, _, log_space = map(torch.from_numpy, numba_kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
                 _MAX_UNDERFLOW_ERROR, self.per_state,
@@ -114,7 +114,7 @@ class _KernelState:
         finally:
             numba.set_num_threads(all_threads)
             numba.set_parallel_chunksize(chunk)
-        return loglik, error, log_space, occupancy
+        return loglik, log_space, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
@@ -122,7 +122,7 @@ class _KernelState:
         graph recomputes them."""
         from . import numba_kernels
 
-        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[3]
+        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
         scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
         if self.compact:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._inputs import compute_dtype
 from .._memory import check_memory
 from ..graph import CTCGraph
 from . import Backend, register, triton_support
@@ -140,15 +141,11 @@ def _backward(arrays: _Arrays, log_probs: Tensor, alpha: Tensor, nll: Tensor, gr
     return out
 
 
-def _compute_dtype(log_probs: Tensor) -> torch.dtype:
-    return torch.float64 if log_probs.dtype == torch.float64 else torch.float32
-
-
 class _TritonCTC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_probs: Tensor, graph: CTCGraph) -> Tensor:
         log_probs = log_probs.detach()
-        arrays = _Arrays(graph, log_probs, _compute_dtype(log_probs))
+        arrays = _Arrays(graph, log_probs, compute_dtype(log_probs.dtype))
         nll, alpha = _forward(arrays, log_probs, keep=ctx.needs_input_grad[0])
         ctx.arrays, ctx.alpha, ctx.nll, ctx.log_probs = arrays, alpha, nll, log_probs
         return nll
@@ -174,7 +171,7 @@ def loss(graph: CTCGraph, log_probs: Tensor) -> Tensor:
 def posteriors(graph: CTCGraph, log_probs: Tensor) -> Tensor:
     """``(T, B, S)`` state occupation by the same forward-backward."""
     _check_device(log_probs)
-    arrays = _Arrays(graph, log_probs, _compute_dtype(log_probs))
+    arrays = _Arrays(graph, log_probs, compute_dtype(log_probs.dtype))
     check_memory(arrays.compute.itemsize * arrays.T * arrays.B * arrays.S, log_probs.device, "state_occupation",
                  "use shorter inputs or a smaller batch")
     nll, alpha = _forward(arrays, log_probs, keep=True)

@@ -60,9 +60,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._inputs import compute_dtype
 from .._memory import check_memory
 from ..graph import ADVANCE, STAY, CTCGraph
-from .triton_gpu import _Arrays, _compute_dtype
+from .triton_gpu import _Arrays
 from .triton_kernels import _FINAL, _START
 
 
@@ -283,7 +284,7 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
     no_frames = torch.where(graph.target_lengths == 0, 0.0, -torch.inf).double().to(device)
     if T == 0 or B == 0:
         return states, no_frames
-    arrays = _Arrays(graph, log_probs, _compute_dtype(log_probs))
+    arrays = _Arrays(graph, log_probs, compute_dtype(log_probs.dtype))
     K = min(checkpoint_every or T, T)
     lengths, num_states = graph.input_lengths.to(device), graph.num_states.to(device)
     frames = lengths.clamp(min=1)  # an item without frames runs nothing; 1 keeps its sizes positive

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import formats as writers
 from ..formats import EXTENSIONS
+from .._inputs import required_frames
 from ..align import Alignment, TokenSpan, WordSpan, alignment_posteriors, forced_align, token_spans, word_of
 from ..trellis import STAR
 from .audio import AudioError, read_audio
@@ -99,10 +100,6 @@ class AudioAlignment:
         return writers.to_text(format, self.words, self.tokens, vocab, shift, self.id, self.duration)
 
 
-def _required_frames(targets: Sequence[int]) -> int:
-    return len(targets) + sum(1 for a, b in zip(targets, targets[1:]) if a == b)
-
-
 def _segment_posteriors(log_probs: Tensor, targets: Tensor, ali: Alignment, star: float | None) -> Tensor:
     """``(T,)`` posteriors of the path's states, computed per stretch of about
     :data:`POSTERIOR_SEGMENT_FRAMES` frames cut where the path enters a token."""
@@ -126,7 +123,7 @@ def _segment_posteriors(log_probs: Tensor, targets: Tensor, ali: Alignment, star
 def _check_fits(frames: int, prepared: PreparedText, frame_shift: float) -> None:
     if not prepared.alignable and not prepared.has_star:
         raise AlignmentError("nothing in the transcript is in the model's vocabulary")
-    need = _required_frames(prepared.targets)
+    need = required_frames(prepared.targets)
     if need > frames:
         raise AlignmentError(f"the transcript needs at least {need} frames ({need * frame_shift:.2f} s: one per token, "
                              f"one more between repeated tokens) but the audio gives {frames} ({frames * frame_shift:.2f} s)")

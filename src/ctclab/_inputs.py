@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -127,25 +128,29 @@ def _checked_log_probs(log_probs: Tensor, blank: int) -> tuple[Tensor, bool]:
     return log_probs, unbatched
 
 
-def _checked_lengths(log_probs: Tensor, targets: Tensor, input_lengths, target_lengths, hint: str) -> tuple[Tensor, Tensor]:
-    """``(B,)`` int64 input and target lengths on the scores' device (None: full length), in range."""
+def _host_lengths(name: str, value: Lengths | None, size: int, default: int) -> np.ndarray:
+    """``value`` as int64 numpy on the host (None: ``default`` for each of ``size`` items)."""
+    if value is None:
+        return np.full(size, default, dtype=np.int64)
+    if isinstance(value, Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers (int32 or int64), got dtype {value.dtype}")
+        return value.detach().cpu().numpy().astype(np.int64, copy=False)
+    return _lengths_tensor(name, value, torch.device("cpu")).numpy()
+
+
+def _checked_lengths(log_probs: Tensor, targets: np.ndarray, input_lengths, target_lengths, hint: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(B,)`` int64 input and target lengths as host arrays (None: full length), in range.
+    (Checked in numpy: a handful of torch reductions and syncs cost more than the whole graph.)"""
     T, B, _ = log_probs.shape
-    device = log_probs.device
-    if input_lengths is None:
-        input_lengths = torch.full((B,), T, dtype=torch.int64, device=device)
-    else:
-        input_lengths = _lengths_tensor("input_lengths", input_lengths, device)
-    if target_lengths is None:
-        if targets.dim() != 2:
-            raise ValueError("target_lengths may be omitted only with padded (B, S) targets")
-        target_lengths = torch.full((targets.shape[0],), targets.shape[1], dtype=torch.int64, device=device)
-    else:
-        target_lengths = _lengths_tensor("target_lengths", target_lengths, device)
+    if target_lengths is None and targets.ndim != 2:
+        raise ValueError("target_lengths may be omitted only with padded (B, S) targets")
+    input_lengths = _host_lengths("input_lengths", input_lengths, B, T)
+    target_lengths = _host_lengths("target_lengths", target_lengths, targets.shape[0], targets.shape[-1])
     if B == 1:  # a 0-D length for a batch of one, as the built-in accepts
-        input_lengths = input_lengths.reshape(1) if input_lengths.dim() == 0 else input_lengths
-        target_lengths = target_lengths.reshape(1) if target_lengths.dim() == 0 else target_lengths
+        input_lengths, target_lengths = input_lengths.reshape(-1), target_lengths.reshape(-1)
     for name, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
-        if lengths.dim() != 1 or lengths.shape[0] != B:
+        if lengths.ndim != 1 or lengths.shape[0] != B:
             raise ValueError(
                 f"{name} must have shape (B,) = ({B},) to match log_probs (T, B, C) = {tuple(log_probs.shape)}, "
                 f"got {tuple(lengths.shape)}{hint}"
@@ -159,26 +164,26 @@ def _checked_lengths(log_probs: Tensor, targets: Tensor, input_lengths, target_l
     return input_lengths, target_lengths
 
 
-def _padded_targets(targets: Tensor, target_lengths: Tensor, B: int) -> Tensor:
+def _padded_targets(targets: np.ndarray, target_lengths: np.ndarray, B: int) -> np.ndarray:
     """Padded ``(B, S)`` or concatenated ``(sum(target_lengths),)`` targets -> ``(B, max L)``
     (entries beyond an item's length unspecified)."""
     width = int(target_lengths.max())
-    if targets.dim() == 2:
+    if targets.ndim == 2:
         if targets.shape[0] != B:
             raise ValueError(f"targets has batch size {targets.shape[0]}, log_probs has {B}")
         if width > targets.shape[1]:
             raise ValueError(f"target_lengths must be <= the padded target width {targets.shape[1]}, got {width}")
         return targets[:, :width]
-    if targets.dim() != 1:
+    if targets.ndim != 1:
         raise ValueError(f"targets must be (B, S) padded or 1-D concatenated, got shape {tuple(targets.shape)}")
     total = int(target_lengths.sum())
     if targets.shape[0] != total:
         raise ValueError(f"concatenated 1-D targets must have length sum(target_lengths) = {total}, got {targets.shape[0]}")
     if not total:
-        return torch.zeros(B, width, dtype=torch.int64, device=targets.device)
-    offsets = torch.cumsum(target_lengths, 0) - target_lengths
-    index = offsets[:, None] + torch.arange(width, device=targets.device)
-    return targets[index.clamp(max=total - 1)]
+        return np.zeros((B, width), dtype=np.int64)
+    offsets = np.cumsum(target_lengths) - target_lengths
+    index = offsets[:, None] + np.arange(width)
+    return targets[np.minimum(index, total - 1)]
 
 
 def required_frames(targets: Sequence[int]) -> int:
@@ -221,29 +226,30 @@ def ctc_batch(
         targets = torch.as_tensor(targets)
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must hold integer class indices, got dtype {targets.dtype}")
-    targets = targets.to(device=device, dtype=torch.int64)
+    targets = targets.detach().cpu().numpy().astype(np.int64, copy=False)
     if unbatched:
-        if targets.dim() != 1:
+        if targets.ndim != 1:
             raise ValueError(f"unbatched (T, C) log_probs need 1-D targets (S,), got shape {tuple(targets.shape)}")
-        targets = targets.unsqueeze(0)
+        targets = targets[None]
     hint = "; if log_probs is batch-major (B, T, C), pass batch_first=True" if batch_first_hint and not unbatched else ""
     input_lengths, target_lengths = _checked_lengths(log_probs, targets, input_lengths, target_lengths, hint)
     padded = _padded_targets(targets, target_lengths, B)
-    valid = torch.arange(padded.shape[1], device=device) < target_lengths[:, None]
-    if check_target_values and padded.numel():
+    valid = np.arange(padded.shape[1]) < target_lengths[:, None]
+    if check_target_values and padded.size:
         bad = valid & ((padded < 0) | (padded >= C) | (padded == blank))
-        if bool(bad.any()):
-            b, s = (int(i) for i in bad.nonzero()[0])
+        if bad.any():
+            b, s = (int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
                 f"targets must be class indices in [0, C) = [0, {C}) other than blank={blank}; "
                 f"item {b} position {s} holds {int(padded[b, s])}"
             )
-    padded = torch.where(valid, padded, torch.full_like(padded, blank))
+    padded = np.where(valid, padded, blank)
+    on_device = (lambda x: torch.from_numpy(x)) if device.type == "cpu" else (lambda x: torch.from_numpy(x).to(device))
     return CTCBatch(
         log_probs=log_probs,
-        targets=padded,
-        input_lengths=input_lengths,
-        target_lengths=target_lengths,
+        targets=on_device(padded),
+        input_lengths=on_device(input_lengths),
+        target_lengths=on_device(target_lengths),
         blank=blank,
         unbatched=unbatched,
         max_input_length=int(input_lengths.max()),

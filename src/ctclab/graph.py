@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,38 +42,40 @@ NEG = -1e30
 
 Topology = Literal["standard", "modified", "selfless", "minimal"]
 
-#: A topology's rule: ``(targets (B, L), label_states (B, S))`` -> which moves exist into each
-#: state, ``(stay, advance, skip)`` bool ``(B, S)``. (Weights other than 0 and -inf would come
-#: as float arrays in the same places.)
-TopologyRule = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+#: A topology's rule: ``(targets (B, L), label_states (B, S))`` numpy arrays -> which moves
+#: exist into each state, ``(stay, advance, skip)`` bool ``(B, S)``. (Weights other than 0 and
+#: -inf would come as float arrays in the same places.) The graph is built on the host in numpy:
+#: at the shapes of a training step its few dozen whole-array operations cost microseconds, where
+#: as many torch operations on small tensors cost a tenth of a millisecond or more.
+TopologyRule = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def _skip_into_labels(targets: Tensor, label_states: Tensor, equal_labels: bool) -> Tensor:
+def _skip_into_labels(targets: np.ndarray, label_states: np.ndarray, equal_labels: bool) -> np.ndarray:
     """The skip ``s - 2 -> s`` exists into label states after the first; between equal labels
     only if ``equal_labels``."""
-    skip = label_states.clone()
+    skip = label_states.copy()
     skip[:, :2] = False  # no state two back of state 0 or 1
     if not equal_labels:
         skip[:, 3::2] &= targets[:, 1:] != targets[:, :-1]
     return skip
 
 
-def _standard(targets: Tensor, label_states: Tensor):
-    every = torch.ones_like(label_states)
+def _standard(targets: np.ndarray, label_states: np.ndarray):
+    every = np.ones_like(label_states)
     return every, every, _skip_into_labels(targets, label_states, equal_labels=False)
 
 
-def _modified(targets: Tensor, label_states: Tensor):
-    every = torch.ones_like(label_states)
+def _modified(targets: np.ndarray, label_states: np.ndarray):
+    every = np.ones_like(label_states)
     return every, every, _skip_into_labels(targets, label_states, equal_labels=True)
 
 
-def _selfless(targets: Tensor, label_states: Tensor):
-    return ~label_states, torch.ones_like(label_states), _skip_into_labels(targets, label_states, equal_labels=False)
+def _selfless(targets: np.ndarray, label_states: np.ndarray):
+    return ~label_states, np.ones_like(label_states), _skip_into_labels(targets, label_states, equal_labels=False)
 
 
-def _minimal(targets: Tensor, label_states: Tensor):
-    return ~label_states, torch.ones_like(label_states), _skip_into_labels(targets, label_states, equal_labels=True)
+def _minimal(targets: np.ndarray, label_states: np.ndarray):
+    return ~label_states, np.ones_like(label_states), _skip_into_labels(targets, label_states, equal_labels=True)
 
 
 #: Every topology by name. Adding one is adding an entry (see ``docs/adding-a-variant.md``).
@@ -142,25 +145,26 @@ class CTCGraph:
         (a name in :data:`TOPOLOGIES`)."""
         check_topology(topology)
         check_delay_penalty(delay_penalty)
-        targets = batch.targets
+        targets = batch.targets.cpu().numpy()
+        lengths = batch.target_lengths.cpu().numpy()
         B, L = targets.shape
         S = 2 * L + 1
-        device = targets.device
-        # few, whole-array torch ops: at small shapes their count, not their size, is the cost
-        labels = torch.full((B, S), batch.blank, dtype=torch.int64, device=device)
+        labels = np.full((B, S), batch.blank, dtype=np.int64)
         labels[:, 1::2] = targets
-        states = torch.arange(S, device=device)
-        num_states = 2 * batch.target_lengths[:, None] + 1
+        states = np.arange(S)
+        num_states = 2 * lengths[:, None] + 1
         inside = states < num_states  # no way into an item's padding states
         label_states = (states % 2 == 1) & inside
         stay, advance, skip = TOPOLOGIES[topology](targets, label_states)
-        allowed = torch.stack((skip, advance, stay)) & inside  # SKIP, ADVANCE, STAY
-        moves = torch.zeros(3, B, S, dtype=torch.float64, device=device).masked_fill_(~allowed, -torch.inf)
-        has_labels = (batch.target_lengths[:, None] > 0).long()
+        allowed = np.stack((skip, advance, stay)) & inside  # SKIP, ADVANCE, STAY
+        moves = np.where(allowed, 0.0, -np.inf)
+        has_labels = lengths[:, None] > 0
         start = states <= has_labels  # state 0, and state 1 if there is a label
         final = inside & (states >= num_states - 1 - has_labels)  # the last blank, and the last label
-        return cls(labels, moves, start, final, label_states, batch.input_lengths, batch.target_lengths,
-                   batch.blank, topology, float(delay_penalty))
+        device = batch.targets.device
+        on_device = (lambda x: torch.from_numpy(x)) if device.type == "cpu" else (lambda x: torch.from_numpy(x).to(device))
+        return cls(on_device(labels), on_device(moves), on_device(start), on_device(final), on_device(label_states),
+                   batch.input_lengths, batch.target_lengths, batch.blank, topology, float(delay_penalty))
 
     @property
     def skip(self) -> Tensor:
@@ -208,21 +212,26 @@ class CTCGraph:
         device = self.labels.device
         return tuple(torch.from_numpy(x).to(device) for x in self._distances)
 
+    @functools.cached_property
+    def _min_frames(self) -> np.ndarray:
+        from .backends import numba_kernels
+
+        earliest, _ = self._distances
+        shortest = np.where(self.final.cpu().numpy(), earliest, numba_kernels.UNREACHABLE).min(1, initial=numba_kernels.UNREACHABLE) + 1
+        return np.where(self.target_lengths.cpu().numpy() == 0, 0, shortest)
+
     @property
     def min_frames(self) -> Tensor:
         """``(B,)`` int64, the length of the shortest path (for standard CTC ``L + repeats``; 0
         for an empty target)."""
-        from .backends import numba_kernels
-
-        earliest, _ = self.distances()
-        shortest = torch.where(self.final, earliest, numba_kernels.UNREACHABLE).amin(1) + 1
-        return torch.where(self.target_lengths == 0, 0, shortest)
+        return torch.from_numpy(self._min_frames).to(self.labels.device)
 
     @property
     def feasible(self) -> Tensor:
         """``(B,)`` bool, whether any path fits in the item's frames."""
-        empty = self.target_lengths == 0
-        return (self.input_lengths >= self.min_frames) & ((self.input_lengths > 0) | empty)
+        frames = self.input_lengths.cpu().numpy()
+        fits = (frames >= self._min_frames) & ((frames > 0) | (self._min_frames == 0))
+        return torch.from_numpy(fits).to(self.labels.device)
 
     def band(self, num_frames: int) -> Tensor:
         """``(B, T, 2)`` int64 ``[lo, hi)``: at frame ``t`` only states in this range can lie on

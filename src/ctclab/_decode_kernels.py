@@ -1,5 +1,6 @@
-"""CPU kernels (numba) of :mod:`ctclab.decode`: best-path decoding (:func:`collapse_runs`), the
-prefix beam search, and the exact CTC score of its results (:func:`ctc_log_likelihoods`).
+"""CPU kernels (numba) of :mod:`ctclab.decode`: best-path decoding (:func:`collapse_runs`) and the
+prefix beam search. (The exact CTC score of its results is the loss's own forward recursion:
+:func:`ctclab.decode._ctc_log_likelihoods`.)
 
 :func:`run` loops over frames for a whole batch: every prefix in a beam stays (blank, or its
 last token again) or grows by one token, equal prefixes merge (:func:`_expand`), then each beam
@@ -134,9 +135,6 @@ MAP_SLOTS_PER_KEY = 2
 #: the smallest hash map: 256 bytes, so that tiny maps (no hotwords, the merge map of a beam
 #: of one) never grow on their first few keys
 MAP_MIN_SLOTS = 16
-#: log of a term that cannot change ``1 + term`` in float64 (e^-38 < 2^-54, half an ulp of 1,
-#: even two of them)
-_NEGLIGIBLE = -38.0
 CHARS = 1 << 21  # above any unicode code point
 #: the code point that stands for a word boundary in the hotword automaton's stream (no
 #: unicode character has it, so no spelled word contains it)
@@ -811,53 +809,3 @@ def tokens_of(prefix_ints, prefix):
         out[i] = prefix_ints[p, TOKEN]
         p = prefix_ints[p, PARENT]
     return out
-
-
-# -- exact scores ---------------------------------------------------------------------------------
-@_jit
-def ctc_log_likelihoods(log_probs, lengths, labels, offsets, blank, out):
-    """``out[n] = log P(labelling n | log_probs[:lengths[n], n])`` over all CTC alignments, for
-    ``(T, N, C)`` log-probs and labellings ``labels[offsets[n]:offsets[n + 1]]``: the exact
-    acoustic score of the decoder's hypotheses (the beam's own sum covers only the paths it
-    kept). The forward recursion in log space (Graves et al. 2006, section 4.1), over the
-    states that can still reach the end and could have been reached from the start. (Serial:
-    numba's parallel workers spin after a parallel region, which on a busy or small machine
-    slows the torch work that follows more than the few labellings gain.)"""
-    for n in range(len(lengths)):
-        L = offsets[n + 1] - offsets[n]
-        S = 2 * L + 1
-        alpha, new, ext = np.empty(S), np.empty(S), np.empty(S, np.int64)
-        for s in range(S):
-            ext[s] = blank if s % 2 == 0 else labels[offsets[n] + s // 2]
-        frames = lengths[n]
-        if frames == 0:
-            out[n] = 0.0 if L == 0 else -np.inf
-            continue
-        for s in range(S):
-            alpha[s] = -np.inf
-        alpha[0] = log_probs[0, n, blank]
-        if S > 1:
-            alpha[1] = log_probs[0, n, ext[1]]
-        for t in range(1, frames):
-            lo = max(0, S - 2 * (frames - t))  # states from which the end is still in reach
-            hi = min(S, 2 * t + 2)  # states reachable by now
-            for s in range(lo, hi):
-                a = alpha[s]
-                b = alpha[s - 1] if s >= 1 else -np.inf
-                c = alpha[s - 2] if s >= 2 and ext[s] != blank and ext[s] != ext[s - 2] else -np.inf
-                m = max(a, max(b, c))
-                if m == -np.inf:
-                    new[s] = -np.inf
-                    continue
-                # log-sum-exp; terms below _NEGLIGIBLE change no bit of 1 + ..., so peaky
-                # frames (one predecessor carries it all) cost no exp or log
-                total = 0.0
-                for x in (a, b, c):
-                    if x - m > _NEGLIGIBLE:
-                        total += math.exp(x - m)
-                new[s] = m + (math.log(total) if total != 1.0 else 0.0) + log_probs[t, n, ext[s]]
-            for s in range(lo, hi):
-                alpha[s] = new[s]
-            if lo > 0:
-                alpha[lo - 1] = -np.inf
-        out[n] = _logaddexp(alpha[S - 1], alpha[S - 2]) if S > 1 else alpha[0]

@@ -110,14 +110,22 @@ class Hypothesis:
 def _ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, labellings: list, blank: int) -> np.ndarray:
     """``log P(labelling | log_probs)`` over all CTC alignments (float64) for ``(T, N, C)``
     float32/float64 log-probs, ``(N,)`` frame counts and N token sequences: the exact acoustic
-    score that :meth:`BeamSearchDecoder.score` and the returned hypotheses carry
-    (:func:`ctclab._decode_kernels.ctc_log_likelihoods`)."""
-    offsets = np.zeros(len(labellings) + 1, np.int64)
-    np.cumsum([len(x) for x in labellings], out=offsets[1:])
-    out = np.empty(len(labellings))
-    K.ctc_log_likelihoods(np.ascontiguousarray(log_probs), np.asarray(lengths, np.int64),
-                          np.array([k for x in labellings for k in x], np.int64), offsets, blank, out)
-    return out
+    score that :meth:`BeamSearchDecoder.score` and the returned hypotheses carry — the loss's
+    own forward recursion (:func:`ctclab.loss.batch_nll`, the backend ``'auto'`` picks: the
+    numba kernels on CPU), read in float64, -inf for a labelling no path spells."""
+    from ._inputs import CTCBatch
+    from .loss import batch_nll
+
+    N = len(labellings)
+    target_lengths = np.fromiter(map(len, labellings), np.int64, N)
+    targets = np.full((N, int(target_lengths.max(initial=0))), blank, np.int64)
+    for row, tokens in enumerate(labellings):
+        targets[row, : len(tokens)] = tokens
+    frames = np.asarray(lengths, np.int64)
+    batch = CTCBatch(torch.from_numpy(np.asarray(log_probs, np.float64)), torch.from_numpy(targets), torch.from_numpy(frames),
+                     torch.from_numpy(target_lengths), blank, unbatched=False, max_input_length=int(frames.max(initial=0)))
+    with torch.no_grad():
+        return -batch_nll(batch).numpy()
 
 
 def _hotword_automaton(phrases, weight: float) -> tuple[K.Hotwords, int]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -107,6 +107,19 @@ def check_delay_penalty(delay_penalty: float) -> None:
         )
 
 
+class HostArrays(NamedTuple):
+    """A graph's arrays as host numpy arrays (what the CPU kernels read; views of the tensors on
+    CPU): see :class:`CTCGraph`."""
+
+    labels: np.ndarray
+    moves: np.ndarray
+    start: np.ndarray
+    final: np.ndarray
+    entry: np.ndarray
+    input_lengths: np.ndarray
+    num_states: np.ndarray
+
+
 @dataclass(frozen=True)
 class CTCGraph:
     """The CTC state graph of a batch, as arrays (``S = 2 max(L) + 1`` states per item; states
@@ -163,8 +176,12 @@ class CTCGraph:
         final = inside & (states >= num_states - 1 - has_labels)  # the last blank, and the last label
         device = batch.targets.device
         on_device = (lambda x: torch.from_numpy(x)) if device.type == "cpu" else (lambda x: torch.from_numpy(x).to(device))
-        return cls(on_device(labels), on_device(moves), on_device(start), on_device(final), on_device(label_states),
-                   batch.input_lengths, batch.target_lengths, batch.blank, topology, float(delay_penalty))
+        graph = cls(on_device(labels), on_device(moves), on_device(start), on_device(final), on_device(label_states),
+                    batch.input_lengths, batch.target_lengths, batch.blank, topology, float(delay_penalty))
+        # the host arrays it was made from, for the CPU kernels (no conversions per use)
+        graph.__dict__["host"] = HostArrays(labels, moves, start, final, label_states, batch.input_lengths.cpu().numpy(),
+                                            num_states[:, 0])
+        return graph
 
     @property
     def skip(self) -> Tensor:
@@ -193,17 +210,25 @@ class CTCGraph:
         """``(B, S)`` bool, the states past each item's ``2 L + 1`` (no move leads into them)."""
         return torch.arange(self.labels.shape[1], device=self.labels.device) >= self.num_states[:, None]
 
-    @property
+    @functools.cached_property
     def num_states(self) -> Tensor:
         """``(B,)`` int64, ``2 L + 1`` states of each item."""
         return 2 * self.target_lengths + 1
+
+    @functools.cached_property
+    def host(self) -> HostArrays:
+        """The graph's arrays as contiguous host numpy arrays (:class:`HostArrays`)."""
+        numpy = lambda x: x.cpu().contiguous().numpy()  # noqa: E731
+        return HostArrays(*map(numpy, (self.labels, self.moves, self.start, self.final, self.entry, self.input_lengths,
+                                       self.num_states)))
 
     # -- derived data: distances and the band ---------------------------------------------------
     @functools.cached_property
     def _distances(self) -> tuple:
         from .backends import numba_kernels
 
-        return numba_kernels.graph_distances(*(x.cpu().numpy() for x in (self.start, self.final, self.moves)))
+        host = self.host
+        return numba_kernels.graph_distances(host.start, host.final, host.moves)
 
     def distances(self) -> tuple[Tensor, Tensor]:
         """``(B, S)`` int64 each: the first frame at which a path can occupy each state (from a
@@ -217,8 +242,9 @@ class CTCGraph:
         from .backends import numba_kernels
 
         earliest, _ = self._distances
-        shortest = np.where(self.final.cpu().numpy(), earliest, numba_kernels.UNREACHABLE).min(1, initial=numba_kernels.UNREACHABLE) + 1
-        return np.where(self.target_lengths.cpu().numpy() == 0, 0, shortest)
+        host = self.host
+        shortest = np.where(host.final, earliest, numba_kernels.UNREACHABLE).min(1, initial=numba_kernels.UNREACHABLE) + 1
+        return np.where(host.num_states == 1, 0, shortest)
 
     @property
     def min_frames(self) -> Tensor:
@@ -229,7 +255,7 @@ class CTCGraph:
     @property
     def feasible(self) -> Tensor:
         """``(B,)`` bool, whether any path fits in the item's frames."""
-        frames = self.input_lengths.cpu().numpy()
+        frames = self.host.input_lengths
         fits = (frames >= self._min_frames) & ((frames > 0) | (self._min_frames == 0))
         return torch.from_numpy(fits).to(self.labels.device)
 
@@ -237,11 +263,14 @@ class CTCGraph:
         """``(B, T, 2)`` int64 ``[lo, hi)``: at frame ``t`` only states in this range can lie on
         a complete path (reachable by then, and able to reach the end in the frames left).
         Backends visit only these; derived from :meth:`distances`, for any topology."""
+        return torch.from_numpy(self.host_band(num_frames)).to(self.labels.device)
+
+    def host_band(self, num_frames: int) -> np.ndarray:
+        """:meth:`band` as a host numpy array."""
         from .backends import numba_kernels
 
         earliest, to_end = self._distances
-        band = numba_kernels.graph_band(earliest, to_end, self.input_lengths.cpu().numpy(), self.num_states.cpu().numpy(), num_frames)
-        return torch.from_numpy(band).to(self.labels.device)
+        return numba_kernels.graph_band(earliest, to_end, self.host.input_lengths, self.host.num_states, num_frames)
 
     # -- what the PyTorch recursions read ------------------------------------------------------
     def emissions(self, log_probs: Tensor) -> Tensor:
@@ -299,10 +328,9 @@ class CTCGraph:
         index by each state."""
         from .backends import numba_kernels
 
-        numpy = lambda x: x.cpu().contiguous().numpy()  # noqa: E731
+        host = self.host
         earliest, to_end = self._distances
         return numba_kernels.kernel_graph(
-            numpy(self.labels if state_class is None else state_class), numpy(self.moves), numpy(self.start),
-            numpy(self.final), numpy(self.entry), earliest, to_end, numpy(self.input_lengths), numpy(self.num_states),
-            num_frames,
+            host.labels if state_class is None else state_class.cpu().contiguous().numpy(), host.moves, host.start,
+            host.final, host.entry, earliest, to_end, host.input_lengths, host.num_states, num_frames,
         )

@@ -193,9 +193,9 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
                  "or align shorter segments")
     states = torch.full((B, T), -1, dtype=torch.int64)
     path_score = torch.empty(B, dtype=torch.float64)
-    arrays = numba_viterbi.Graph(*(x.cpu().contiguous().numpy() for x in (
-        graph.labels, graph.moves, graph.start, graph.final, graph.entry, graph.band(T), graph.num_states, graph.input_lengths,
-    )))
+    host = graph.host
+    arrays = numba_viterbi.Graph(host.labels, host.moves, host.start, host.final, host.entry, graph.host_band(T),
+                                 host.num_states, host.input_lengths)
     numba_viterbi.viterbi(log_probs.detach().contiguous().numpy(), arrays, every, float(graph.delay_penalty),
                           states.numpy(), path_score.numpy())
     return states, path_score

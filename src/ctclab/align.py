@@ -160,6 +160,24 @@ def forced_align(
     lp = batch.log_probs.detach().to(compute_dtype(batch.log_probs.dtype))
     if checkpoint_every is None:
         checkpoint_every = _checkpoint_every(lp, trellis, max_memory)
+    result = best_paths(trellis, lp, feasible, impl, checkpoint_every, skip_infeasible,
+                        star_class=lp.shape[2] - 1 if star is not None else None)
+    return result.item(0) if batch.unbatched else result
+
+
+def best_paths(trellis: CTCTrellis, log_probs: Tensor, feasible: Tensor, impl: str = "auto", checkpoint_every: int | None = None,
+               skip_infeasible: bool = True, star_class: int | None = None) -> Alignment:
+    """The batched :class:`Alignment` of a built graph: the Viterbi path of every item by the
+    backend ``impl`` selects, its labels and emission scores (:func:`forced_align` after its
+    checks; the decoder's word timings, on the graph it rescored with).
+
+    Args:
+        trellis: the graph; log_probs: ``(T, B, C)`` checked scores in the compute dtype;
+        feasible: ``(B,)`` :attr:`CTCGraph.feasible`; checkpoint_every: as :func:`forced_align`'s.
+        skip_infeasible: items without a path of non-zero probability come back unaligned
+            (otherwise a ValueError); star_class: the wildcard's column, reported as :data:`STAR`.
+    """
+    lp = log_probs
     states, path_score = backends.select("viterbi", impl, trellis, lp).viterbi(trellis, lp, checkpoint_every)
     states = states.to(lp.device)
     path_score = path_score.to(lp.device, lp.dtype)
@@ -171,15 +189,15 @@ def forced_align(
             "(a target class that is -inf on every frame it could take, or star=inf); "
             "check the transcript against the emissions, or pass skip_infeasible=True to skip them"
         )
+    blank = trellis.blank
     states = torch.where(aligned[:, None], states, -1)
     path_score = torch.where(aligned, path_score, -torch.inf)
     inside = states >= 0
     labels = torch.where(inside, trellis.labels.gather(1, states.clamp(min=0)), blank)
     scores = torch.where(inside, lp.transpose(0, 1).gather(2, labels.clamp(min=0)[..., None])[..., 0], 0.0)
-    if star is not None:
-        labels = torch.where(labels == lp.shape[2] - 1, STAR, labels)
-    result = Alignment(labels, scores, states, path_score, aligned, blank, topology, float(delay_penalty))
-    return result.item(0) if batch.unbatched else result
+    if star_class is not None:
+        labels = torch.where(labels == star_class, STAR, labels)
+    return Alignment(labels, scores, states, path_score, aligned, blank, trellis.topology, float(trellis.delay_penalty))
 
 
 def _checkpoint_every(log_probs: Tensor, trellis: CTCTrellis, max_memory: int | None) -> int | None:

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from . import _decode_kernels as K
-from ._inputs import Lengths, check_scores, compute_dtype, decoding_batch, first_dead_frame
-from .align import TokenSpan, WordSpan, check_frame_shift, forced_align, group_words, spell, token_spans, word_of
+from ._inputs import CTCBatch, Lengths, check_scores, compute_dtype, decoding_batch, first_dead_frame
+from .align import TokenSpan, WordSpan, _checkpoint_every, best_paths, check_frame_shift, group_words, spell, token_spans, word_of
+from .graph import CTCGraph
+from .loss import batch_nll
 from .lm import UNK
 from .vocab import BPE_MARKER
 
@@ -107,15 +109,10 @@ class Hypothesis:
     score: float
 
 
-def _ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, labellings: list, blank: int) -> np.ndarray:
-    """``log P(labelling | log_probs)`` over all CTC alignments (float64) for ``(T, N, C)``
-    float32/float64 log-probs, ``(N,)`` frame counts and N token sequences: the exact acoustic
-    score that :meth:`BeamSearchDecoder.score` and the returned hypotheses carry — the loss's
-    own forward recursion (:func:`ctclab.loss.batch_nll`, the backend ``'auto'`` picks: the
-    numba kernels on CPU), read in float64, -inf for a labelling no path spells."""
-    from ._inputs import CTCBatch
-    from .loss import batch_nll
-
+def _hypotheses_graph(log_probs: np.ndarray, lengths: np.ndarray, labellings: list, blank: int) -> tuple[CTCBatch, CTCGraph]:
+    """The CTC batch and graph of N labellings against their utterances' ``(T, N, C)``
+    log-probs (read in float64) and ``(N,)`` frame counts: what the decoder rescores its
+    hypotheses on, and times the chosen ones' words on."""
     N = len(labellings)
     target_lengths = np.fromiter(map(len, labellings), np.int64, N)
     targets = np.full((N, int(target_lengths.max(initial=0))), blank, np.int64)
@@ -124,8 +121,16 @@ def _ctc_log_likelihoods(log_probs: np.ndarray, lengths: np.ndarray, labellings:
     frames = np.asarray(lengths, np.int64)
     batch = CTCBatch(torch.from_numpy(np.asarray(log_probs, np.float64)), torch.from_numpy(targets), torch.from_numpy(frames),
                      torch.from_numpy(target_lengths), blank, unbatched=False, max_input_length=int(frames.max(initial=0)))
+    return batch, CTCGraph.build(batch)
+
+
+def _log_likelihoods(batch: CTCBatch, graph: CTCGraph) -> np.ndarray:
+    """``(N,)`` float64 ``log P(labelling | log_probs)`` over all CTC alignments (-inf where no
+    path spells it): the loss's own forward recursion (:func:`ctclab.loss.batch_nll`, the
+    backend ``'auto'`` picks: the numba kernels on CPU). The exact acoustic score that
+    :meth:`BeamSearchDecoder.score` and the returned hypotheses carry."""
     with torch.no_grad():
-        return -batch_nll(batch).numpy()
+        return -batch_nll(batch, graph=graph).numpy()
 
 
 def _hotword_automaton(phrases, weight: float) -> tuple[K.Hotwords, int]:
@@ -289,7 +294,7 @@ class BeamSearchDecoder:
     _NBEST_MARGIN = 3
     #: the beam's acoustic score falls short of the exact one by the paths it pruned: 0.1 nat
     #: typically, 0.4 at the 90th percentile, 3 at the 99th (benchmarks/decode_vs_pyctcdecode.py
-    #: emissions); beyond the nbest best by it, prefixes within this of the nbest-th exact score
+    #: emissions); beyond the nbest best by it, prefixes within this of the nbest-th's beam score
     #: are rescored too (up to _RESCORE_EXTRA per hypothesis asked for)
     _RESCORE_MARGIN = 1.0
     _RESCORE_EXTRA = 2
@@ -392,7 +397,7 @@ class BeamSearchDecoder:
 
     def _answer_lm(self) -> None:
         """Score the (state, word) pairs the kernels asked for; fill the cache."""
-        keys, codes, offsets = K.take_pending(self._trie, self._cache)
+        keys, codes, offsets = K.take_pending_plain(tuple(self._trie), tuple(self._cache))
         text = codes.tobytes().decode("utf-32-le" if sys.byteorder == "little" else "utf-32-be")
         offsets = offsets.tolist()
         scores, next_states = np.empty(len(keys)), np.empty(len(keys), np.int64)
@@ -406,7 +411,7 @@ class BeamSearchDecoder:
             scores[i], next_states[i] = self.alpha * logp + self.beta, sid
         answers = int(self._cache.counts[K.N_ANSWERS]) + len(keys)
         self._cache = self._cache._replace(score=K.grown(self._cache.score, answers), next_state=K.grown(self._cache.next_state, answers))
-        K.store_answers(self._cache, keys, scores, next_states)
+        K.store_answers_plain(tuple(self._cache), keys, scores, next_states)
 
     def _end_score(self, state: int) -> float:
         score = self._end_scores.get(state)
@@ -416,7 +421,7 @@ class BeamSearchDecoder:
 
     # -- search -------------------------------------------------------------------------------
     def _search(self, lp: np.ndarray, lengths: np.ndarray, nbest: int) -> list[list[tuple]]:
-        """Beam search over a chunk: per item, up to ``nbest`` ``(score, tokens, acoustic, lm)``."""
+        """Beam search over a chunk: per item, up to ``nbest`` ``(score, tokens, acoustic, lm, words)``."""
         B = lp.shape[1]
         width, extra, keep = self._widths(nbest)
         cap = width + extra
@@ -426,8 +431,8 @@ class BeamSearchDecoder:
         prefixes, beams, candidates, merge = K.new_search(B, cap, N, self._ARENA_FRAMES * B * cap, self._hot, self._hot_start)
         t, resume = 0, False
         while True:
-            status, t = K.run(t, resume, lengths, lp, params, self._tokens, prefixes, self._trie, self._cache, self._hot,
-                              beams, candidates, merge)
+            status, t = K.run_plain(t, resume, lengths, lp, *map(tuple, (params, self._tokens, prefixes, self._trie, self._cache,
+                                                                         self._hot, beams, candidates, merge)))
             if status == K.DONE:
                 break
             if status == K.NEED_LM:
@@ -438,7 +443,7 @@ class BeamSearchDecoder:
         final_state = np.zeros((B, cap), np.int64)
         final_lm = np.zeros((B, cap))
         prefixes = self._make_room(prefixes, B, 1, cap)  # room for every prefix's last word
-        while not K.finish(params, prefixes, self._trie, self._cache, self._hot, beams, final_state, final_lm):
+        while not K.finish_plain(*map(tuple, (params, prefixes, self._trie, self._cache, self._hot, beams)), final_state, final_lm):
             self._answer_lm()
         pools = []  # per item: (beam score, prefix, LM score), best first
         for b in range(B):
@@ -451,15 +456,17 @@ class BeamSearchDecoder:
         return self._select(lp, lengths, nbest, pools, prefixes.ints)
 
     def _select(self, lp: np.ndarray, lengths: np.ndarray, nbest: int, pools: list, prefix_ints: np.ndarray) -> list[list[tuple]]:
-        """Per item, its ``nbest`` best hypotheses ``(score, tokens, acoustic, lm)`` by their
-        exact scores (those of :meth:`score`), from the final beam's prefixes.
+        """Per item, its ``nbest`` best hypotheses ``(score, tokens, acoustic, lm, words)`` by their
+        exact scores (those of :meth:`score`), from the final beam's prefixes, their words timed
+        on the same graph (:meth:`_timed_words`).
 
         The beam's acoustic score of a prefix is a lower bound (the paths it pruned are
         missing; by a tenth of a nat typically, by several at times), so the ``nbest`` best by
-        it are rescored over all alignments, then the next ones whose beam score comes within
-        :data:`_RESCORE_MARGIN` of the ``nbest``-th exact score (a few at most), and the
-        best by exact score are kept. Labellings with the same text count once (for
-        ``nbest > 1``)."""
+        it are rescored over all alignments, together with the next ones whose beam score comes
+        within :data:`_RESCORE_MARGIN` of the ``nbest``-th one's (a few at most; the exact score
+        is at least the beam's, so these include every prefix within the margin of the
+        ``nbest``-th exact score), in one call of the loss's forward recursion, and the best by
+        exact score are kept. Labellings with the same text count once (for ``nbest > 1``)."""
         position = [0] * len(pools)
         texts: list[set] = [set() for _ in pools]
 
@@ -475,24 +482,25 @@ class BeamSearchDecoder:
                 if text is not None and text in texts[b]:  # "a b" and "a b|" are one transcript
                     continue
                 texts[b].add(text)
-                out.append((tokens, lm))
+                out.append((tokens, lm, total))
             return out
 
-        def rescored(taken: list[list[tuple]]) -> list[list[tuple]]:
-            which = [(b, tokens, lm) for b, hyps in enumerate(taken) for tokens, lm in hyps]
-            out = [[] for _ in taken]
-            if which:
-                items = np.array([b for b, _, _ in which])
-                acoustic = _ctc_log_likelihoods(lp[:, items], lengths[items], [tokens for _, tokens, _ in which], self.blank)
-                for (b, tokens, lm), a in zip(which, acoustic.tolist()):
-                    out[b].append((a + lm, tokens, a, lm))
-            return out
-
-        found = rescored([take(b, nbest, -math.inf) for b in range(len(pools))])
-        bars = [min(h[0] for h in hyps) - self._RESCORE_MARGIN if len(hyps) == nbest else math.inf for hyps in found]
-        more = rescored([take(b, self._RESCORE_EXTRA * nbest, bars[b]) if bars[b] < math.inf else [] for b in range(len(pools))])
+        taken = [take(b, nbest, -math.inf) for b in range(len(pools))]
+        for b, hyps in enumerate(taken):
+            if len(hyps) == nbest:
+                hyps += take(b, self._RESCORE_EXTRA * nbest, hyps[-1][2] - self._RESCORE_MARGIN)
+        which = [(b, tokens, lm) for b, hyps in enumerate(taken) for tokens, lm, _ in hyps]
+        found: list[list[tuple]] = [[] for _ in taken]
+        if not which:
+            return found
+        batch, graph = _hypotheses_graph(lp[:, [b for b, _, _ in which]], lengths[[b for b, _, _ in which]],
+                                         [tokens for _, tokens, _ in which], self.blank)
+        for row, ((b, tokens, lm), a) in enumerate(zip(which, _log_likelihoods(batch, graph).tolist())):
+            found[b].append((a + lm, tokens, a, lm, row))
         # best first by exact score; ties keep the beam's order
-        return [sorted(a + b, key=lambda h: -h[0])[:nbest] for a, b in zip(found, more)]
+        found = [sorted(hyps, key=lambda h: -h[0])[:nbest] for hyps in found]
+        words = self._timed_words(batch, graph, [h[4] for hyps in found for h in hyps])
+        return [[(score, tokens, acoustic, lm, words[row]) for score, tokens, acoustic, lm, row in hyps] for hyps in found]
 
     def _word_groups(self, items, token=None) -> list[list]:
         """``items`` (tokens, or spans with ``token(span)`` their token) grouped into words
@@ -502,26 +510,21 @@ class BeamSearchDecoder:
     def _words(self, tokens: tuple[int, ...]) -> list[str]:
         return [spell(word, self.vocab) for word in self._word_groups(tokens)]
 
-    def _timed_words(self, log_probs: Tensor, lengths: np.ndarray, found: list[list[tuple]]) -> list[list[tuple[WordSpan, ...]]]:
-        """The words of every hypothesis (:class:`ctclab.WordSpan`), timed by its best alignment
-        (one batched :func:`ctclab.forced_align` over all of them)."""
-        which = [(b, i) for b, hyps in enumerate(found) for i, h in enumerate(hyps) if h[1]]
-        words = [[()] * len(hyps) for hyps in found]
-        if not which:
+    def _timed_words(self, batch: CTCBatch, graph: CTCGraph, rows: list[int]) -> dict[int, tuple[WordSpan, ...]]:
+        """The words (:class:`ctclab.WordSpan`) of the hypotheses in ``rows`` of the rescoring
+        batch and graph, timed by each one's best alignment (:func:`ctclab.align.best_paths`, one
+        batched Viterbi on the same graph); ``()`` for an empty hypothesis."""
+        words = {row: () for row in rows}
+        rows = [row for row in rows if int(batch.target_lengths[row])]
+        if not rows:
             return words
-        items = np.array([b for b, _ in which])
-        longest = max(len(found[b][i][1]) for b, i in which)
-        targets = np.zeros((len(which), longest), np.int64)
-        for row, (b, i) in enumerate(which):
-            targets[row, : len(found[b][i][1])] = found[b][i][1]
-        # numpy gathers (one thread): torch's threaded small ops wait on busy cores
-        alignment = forced_align(
-            torch.from_numpy(log_probs.numpy()[:, items].astype(np.float64)), torch.from_numpy(targets),
-            torch.from_numpy(lengths[items]), torch.tensor([len(found[b][i][1]) for b, i in which]), blank=self.blank, skip_infeasible=True,
-        )
-        for (b, i), spans in zip(which, token_spans(alignment, self.blank)):
-            words[b][i] = tuple(word_of(group, self.vocab, self.frame_shift)
-                                for group in self._word_groups(spans, operator.attrgetter("token")))
+        chosen = torch.tensor(rows)
+        sub = graph.select(chosen)
+        lp = batch.log_probs[:, chosen]
+        alignment = best_paths(sub, lp, sub.feasible, checkpoint_every=_checkpoint_every(lp, sub, None))
+        for row, spans in zip(rows, token_spans(alignment, self.blank)):
+            words[row] = tuple(word_of(group, self.vocab, self.frame_shift)
+                               for group in self._word_groups(spans, operator.attrgetter("token")))
         return words
 
     def decode(self, log_probs: Tensor, input_lengths: Lengths | None = None, nbest: int = 1, *,
@@ -557,9 +560,8 @@ class BeamSearchDecoder:
         found = []
         for lo in range(0, lp.shape[1], step):
             found += self._search(np.ascontiguousarray(lp[:, lo : lo + step]), lengths[lo : lo + step], nbest)
-        timed = self._timed_words(log_probs, lengths, found)
-        return [[Hypothesis(self._text(tokens), tokens, w, acoustic, lm, score) for (score, tokens, acoustic, lm), w in zip(hyps, words)]
-                for hyps, words in zip(found, timed)]
+        return [[Hypothesis(self._text(tokens), tokens, words, acoustic, lm, score) for score, tokens, acoustic, lm, words in hyps]
+                for hyps in found]
 
     def _checked(self, log_probs, input_lengths, batch_first: bool) -> tuple[Tensor, np.ndarray]:
         """:meth:`decode`'s input as ``(T, B, C)`` float32/float64 CPU log-probs and ``(B,)``
@@ -598,7 +600,7 @@ class BeamSearchDecoder:
         lp = log_probs.detach().cpu()[:, None]
         check_scores(lp, torch.tensor([lp.shape[0]]))
         lp = lp.to(compute_dtype(lp.dtype)).numpy()
-        acoustic = float(_ctc_log_likelihoods(lp, np.array([lp.shape[0]]), [tokens], self.blank)[0])
+        acoustic = float(_log_likelihoods(*_hypotheses_graph(lp, np.array([lp.shape[0]]), [tokens], self.blank))[0])
         words = self._words(tokens)
         lm = self._hotword_bonus(words)
         if self.lm is not None:

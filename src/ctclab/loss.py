@@ -44,12 +44,16 @@ def check_graph_options(topology: str, delay_penalty: float) -> None:
 
 
 def batch_nll(
-    batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0
+    batch: CTCBatch, impl: Impl = "auto", topology: Topology = "standard", delay_penalty: float = 0.0,
+    graph: CTCGraph | None = None,
 ) -> Tensor:
     """``(B,)`` CTC negative log-likelihood of a validated batch, in the compute dtype
     (``inf`` for items without any path), by the backend ``impl`` selects (:mod:`ctclab.backends`);
-    half-precision scores go to it uncast if it reads them natively (``Backend.reads_half``)."""
-    graph = CTCGraph.build(batch, topology, delay_penalty)
+    half-precision scores go to it uncast if it reads them natively (``Backend.reads_half``).
+    ``graph``: the batch's graph if the caller built it already (then it fixes the topology and
+    delay penalty)."""
+    if graph is None:
+        graph = CTCGraph.build(batch, topology, delay_penalty)
     backend = backends.select("loss", impl, graph, batch.log_probs)
     log_probs = batch.log_probs if backend.reads_half else batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
     return backend.loss(graph, log_probs)

@@ -10,6 +10,7 @@ recursion, at compiled speed whatever the scores.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -39,6 +40,28 @@ def _workspace(name: str, shape: tuple[int, ...]) -> Tensor:
         buffer = torch.empty(numel, dtype=torch.float64)
         setattr(_scratch, name, buffer)
     return buffer[:numel].view(shape)
+
+
+@contextlib.contextmanager
+def _threads_for(threads: int, chunked: bool):
+    """numba's parallel loops, for the block, on at most ``threads`` threads (thread ids index the
+    kernels' scratch) and, when ``chunked`` (more items than threads), handing out items one at a
+    time to whichever thread is free (a thread slowed by a busy neighbour no longer holds up the
+    other's last items). Settings already right are left alone: each change costs tens of
+    microseconds, a fair share of a small call."""
+    import numba
+
+    all_threads = numba.get_num_threads()
+    chunk = numba.set_parallel_chunksize(1) if chunked else None
+    if threads != all_threads:
+        numba.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads != all_threads:
+            numba.set_num_threads(all_threads)
+        if chunk is not None:
+            numba.set_parallel_chunksize(chunk)
 
 
 class _KernelState:
@@ -100,20 +123,12 @@ class _KernelState:
         occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
-        # items handed out one at a time to whichever thread is free: a thread slowed by a busy
-        # neighbour no longer holds up the other's last items
-        chunk = numba.set_parallel_chunksize(1)
-        all_threads = numba.get_num_threads()
-        numba.set_num_threads(threads)  # thread ids index the scratch: at most `threads` of them
-        try:
+        with _threads_for(threads, chunked=B > threads):
             loglik, _, log_space = map(torch.from_numpy, numba_kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
                 _MAX_UNDERFLOW_ERROR, self.per_state,
             ))
-        finally:
-            numba.set_num_threads(all_threads)
-            numba.set_parallel_chunksize(chunk)
         return loglik, log_space, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:

@@ -184,8 +184,9 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
     unit = True
     for b in range(B):
         for s in range(S):
-            for m in range(3):
-                weights[m, b, s] = math.exp(moves[m, b, s])
+            for m in range(3):  # 0 and -inf (allowed, forbidden) need no exp
+                x = moves[m, b, s]
+                weights[m, b, s] = 1.0 if x == 0.0 else 0.0 if x == -np.inf else math.exp(x)
             if s < num_states[b]:
                 unit &= weights[1, b, s] == 1.0 and weights[2, b, s] == 1.0
             flags[0, b, s] = 1.0 if start[b, s] else 0.0

@@ -206,7 +206,9 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
     blank's) is NaN at one of its frames, as the log-space recursion would give.
 
     :math:`\alpha_t(s) = y_t(s) [w_{stay}(s) \alpha_{t-1}(s) + e_t(s) (w_{adv}(s) \alpha_{t-1}(s-1)
-    + w_{skip}(s) \alpha_{t-1}(s-2))]`, ``e_t`` the delay penalty's entry factor."""
+    + w_{skip}(s) \alpha_{t-1}(s-2))]`, ``e_t`` the delay penalty's entry factor.
+    (One loop nest over frames and states, past 80 lines: the frame's emissions, its step and
+    its rescaling share the per-frame scale and band, which a split would pass back and forth.)"""
     flagged = False
     Sb = g.num_states[b]
     for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1

@@ -149,7 +149,8 @@ def ctc_backward_kernel(
     """The backward recursion of one item per program and the posteriors
     :math:`\\gamma_t(s) = \\alpha_t(s) \\beta_t(s) / p(l|x)`; with ``GRADIENT`` the gradient
     ``-g_b gamma_t(k)`` of each class ``k`` into ``grad``, else the posteriors into ``gamma``
-    (its first ``S`` states)."""
+    (its first ``S`` states). (Past 80 lines with its argument list: one kernel, whose frame
+    loop carries beta, the posteriors and the deterministic class sums in registers together.)"""
     b = tl.program_id(0).to(tl.int64)
     acc_ty = alpha_ptr.dtype.element_ty
     Tb, Sb, lp_b, labels_b, skip_b, advance_b, stay_b, entry_b, alpha_b = _item(

@@ -432,3 +432,23 @@ def test_returned_scores_are_exact_ctc_scores_despite_pruning():
             nll = torch.nn.functional.ctc_loss(lp[: il[b], b], torch.tensor(h.tokens, dtype=torch.long), torch.tensor(int(il[b])),
                                                torch.tensor(len(h.tokens)), reduction="sum")
             assert h.acoustic_score == pytest.approx(-nll.item(), abs=1e-9)
+
+
+def test_prefixes_just_below_the_nbest_by_beam_score_are_rescored_and_can_win(monkeypatch):
+    # a narrow beam's score of a prefix misses the paths it pruned: the decoder rescores the best
+    # by beam score together with those within _RESCORE_MARGIN of them, and ranks by exact score
+    labels = ["<b>", "a", "b", "c"]
+    extras = BeamSearchDecoder._RESCORE_EXTRA
+    gained = 0
+    for seed in range(30):
+        lp = (torch.randn(10, 4, generator=torch.Generator().manual_seed(seed)) * 2).log_softmax(-1)
+        tops = {}
+        for extra in (0, extras):
+            monkeypatch.setattr(BeamSearchDecoder, "_RESCORE_EXTRA", extra)
+            decoder = BeamSearchDecoder(labels, beam_width=2, beam_prune_logp=-1000.0, token_min_logp=-1000.0)
+            top = decoder.decode(lp)[0][0]
+            assert top.score == pytest.approx(decoder.score(lp, top.tokens).score, abs=1e-9)  # exact, not the beam's
+            tops[extra] = top.score
+        assert tops[extras] >= tops[0] - 1e-12  # rescoring more prefixes never loses
+        gained += tops[extras] > tops[0] + 1e-9
+    assert gained >= 3  # and here it finds better transcripts than the n best by beam score alone

@@ -480,3 +480,28 @@ def test_batched_alignment_equals_one_recording_at_a_time(hf):
         assert [(t.token, t.start, t.end) for t in batched[1]] == [(t.token, t.start, t.end) for t in alone[1]]
         for a, b in zip(batched[0], alone[0]):
             assert a.score == pytest.approx(b.score, rel=1e-5) and a.confidence == pytest.approx(b.confidence, rel=1e-5, abs=1e-9)
+
+
+def test_trim_word_ends_cuts_the_silence_a_word_held_and_nothing_else():
+    from ctclab.speech import trim_word_ends
+
+    rate = 16000
+    t = np.arange(rate) / rate
+    audio = np.zeros(rate, np.float32)
+    audio[1600:6400] = 0.5 * np.sin(2 * np.pi * 220 * t[1600:6400])  # a "word" from 0.1 to 0.4 s
+    audio[9600:12800] = 0.1 * np.sin(2 * np.pi * 330 * t[9600:12800])  # a quieter one, 0.6-0.8 s
+    audio += 1e-4 * np.random.default_rng(0).standard_normal(rate).astype(np.float32)  # a noise floor
+    # the first aligned word held on to the pause up to 0.6 s; the second ends where it should
+    (s1, e1), (s2, e2) = trim_word_ends([(0.08, 0.6), (0.6, 0.8)], torch.from_numpy(audio), rate)
+    assert (s1, s2) == (0.08, 0.6)  # starts are kept
+    assert e1 == pytest.approx(0.4, abs=0.006)  # cut back to the tone's end
+    assert e2 == pytest.approx(0.8, abs=1e-9)  # nothing to cut: the word is loud to its end
+    # a word of silence only is left as it is; an end never moves later
+    assert trim_word_ends([(0.9, 0.95)], audio, rate)[0][1] <= 0.95
+    for bad in ({"drop_db": 0}, {"hop_seconds": -1.0}, {"drop_db": float("nan")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            trim_word_ends([(0.0, 0.1)], audio, rate, **bad)
+    with pytest.raises(ValueError, match="NaN"):
+        trim_word_ends([(0.0, 0.1)], np.full(100, np.nan), rate)
+    with pytest.raises(ValueError, match="mono"):
+        trim_word_ends([(0.0, 0.1)], np.zeros((2, 100)), rate)

@@ -172,7 +172,7 @@ def test_data_train_eval_compare_end_to_end(tmp_path, capsys):
     assert report["utterances"] == 4
     for entry in report["runs"].values():
         assert set(entry["cer"]) == {"greedy", "beam4", "beam4+bigram_lm"}
-        assert {"viterbi", "posterior", "blank_penalty=1"} <= set(entry["boundaries_ms"])
+        assert {"viterbi", "viterbi+trim", "viterbi_delimiter_onset+trim", "posterior", "blank_penalty=1"} <= set(entry["boundaries_ms"])
         for stats in entry["boundaries_ms"].values():
             assert stats["start"]["n"] == stats["end"]["n"] == report["words"]
         if torchaudio:

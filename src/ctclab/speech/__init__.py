@@ -11,7 +11,7 @@
 The optional packages are imported when first used; without them the error says
 ``pip install 'ctclab[speech]'``.
 """
-from .audio import AudioError, audio_duration, read_audio, resample
+from .audio import AudioError, audio_duration, read_audio, resample, trim_word_ends
 from .corpus import (AlignmentError, AudioAlignment, CorpusItem, CorpusSummary, ManifestError, align_audio, align_corpus,
                      read_manifest, shard_from_environment, shard_of)
 from .model import AcousticModel, load_acoustic_model, save_acoustic_model
@@ -40,6 +40,7 @@ __all__ = [
     "save_acoustic_model",
     "shard_from_environment",
     "shard_of",
+    "trim_word_ends",
     "windowed_log_probs",
 ]
 

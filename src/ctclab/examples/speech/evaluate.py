@@ -9,6 +9,9 @@ Methods (each word's start and end against the truth, in ms):
   frame to its last token's end, in seconds from the model's frame shift);
 - ``viterbi_delimiter_onset``: the same, but a word after the first starts where the path
   enters the delimiter ``|`` before it (the model learns to emit ``|`` at a word's onset);
+- ``viterbi+trim``, ``viterbi_delimiter_onset+trim``: the same words, their ends moved back
+  over trailing silence by :func:`ctclab.speech.trim_word_ends` (the last 5 ms stretch within
+  25 dB of the word's loudest; the threshold chosen on the training split);
 - ``posterior``: the frames where the word's states (its first to its last label state of the
   blank-extended target, the blanks inside it included) hold posterior occupancy >= 0.5, from
   the pipeline's emissions and the targets of its own text preparation;
@@ -44,7 +47,7 @@ from ctclab.lm import NGramLM, write_arpa
 from ctclab.variants import blank_penalty as penalise_blank
 
 from ..common import edit_distance, run_label
-from .data import Utterance, read_split
+from .data import SAMPLE_RATE, Utterance, read_split
 from .train import CHECKPOINT, decode_text, load_checkpoint, save_model_folder
 
 TORCHAUDIO_WORKER = Path(__file__).resolve().parents[4] / "benchmarks" / "torchaudio_forced_align.py"
@@ -185,7 +188,7 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
     """Evaluate each training run in ``runs`` on the first ``utterances`` of ``data/test``; write
     ``out/report.json`` and the pictures (``out/boundaries-*.png``, ``out/errors.png``,
     ``out/calibration.png``); return the report (without per-word lists)."""
-    from ctclab.speech import align_audio, load_acoustic_model, prepare_text
+    from ctclab.speech import align_audio, load_acoustic_model, prepare_text, trim_word_ends
     from ctclab.speech.corpus import align_log_probs
 
     out = Path(out)
@@ -204,7 +207,8 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
         history = json.loads((Path(run) / "history.json").read_text()) if (Path(run) / "history.json").is_file() else None
         label = run_label(history["config"]) if history else Path(run).name
         model = load_acoustic_model(folder, device="cpu")
-        methods = {"viterbi": Errors(), "viterbi_delimiter_onset": Errors(), "posterior": Errors(),
+        methods = {"viterbi": Errors(), "viterbi_delimiter_onset": Errors(), "viterbi+trim": Errors(),
+                   "viterbi_delimiter_onset+trim": Errors(), "posterior": Errors(),
                    **{f"blank_penalty={b:g}": Errors() for b in penalties}}
         emissions, kept = [], []
         for i, u in enumerate(test):
@@ -214,7 +218,10 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
             prepared = prepare_text(u.text, model.vocabulary, model.blank, model.word_delimiter)
             methods["viterbi"].add(u, [(w.start_time, w.end_time) for w in result.words], [w.confidence for w in result.words])
             shift = model.frame_shift
-            methods["viterbi_delimiter_onset"].add(u, delimiter_onsets(result, prepared, shift))
+            onsets = delimiter_onsets(result, prepared, shift)
+            methods["viterbi_delimiter_onset"].add(u, onsets)
+            methods["viterbi+trim"].add(u, trim_word_ends([(w.start_time, w.end_time) for w in result.words], u.audio, SAMPLE_RATE))
+            methods["viterbi_delimiter_onset+trim"].add(u, trim_word_ends(onsets, u.audio, SAMPLE_RATE))
             frames = posterior_word_frames(lp, prepared.targets, prepared.word_index, model.blank, len(u.words))
             methods["posterior"].add(u, [(a * shift, b * shift) for a, b in frames])
             for b in penalties:

@@ -166,10 +166,10 @@ def test_data_train_eval_compare_end_to_end(tmp_path, capsys):
                  "--variant", "label_prior=0.3", "--out", str(tmp_path / "prior")]) == 0
     torchaudio = os.environ.get("CTCLAB_TORCHAUDIO_PYTHON")
     args = ["eval", str(run), str(tmp_path / "prior"), "--data", str(data), "--utterances", "4", "--beam", "4",
-            "--plots", "1", "--out", str(out)] + (["--torchaudio-python", torchaudio] if torchaudio else [])
+            "--plots", "1", "--out", str(out), "--trim-db", "30"] + (["--torchaudio-python", torchaudio] if torchaudio else [])
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["utterances"] == 4
+    assert report["utterances"] == 4 and report["split"] == "test" and report["trim_db"] == 30
     for entry in report["runs"].values():
         assert set(entry["cer"]) == {"greedy", "beam4", "beam4+bigram_lm"}
         assert {"viterbi", "viterbi+trim", "viterbi_delimiter_onset+trim", "posterior", "blank_penalty=1"} <= set(entry["boundaries_ms"])

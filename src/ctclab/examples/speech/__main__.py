@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     e.add_argument("--plots", type=int, default=3, help="alignment figures of this many test files")
     e.add_argument("--out", default="runs/speech-eval")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--trim-db", type=float, help="the +trim methods' threshold (default 25 dB below the word's loudest)")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="evaluate on the training split instead (to choose settings without the test set)")
     c = sub.add_parser("compare", help="plot the learning curves of several runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", default="curves.png")
@@ -55,7 +58,8 @@ def main(argv=None) -> int:
 
             set_threads(args.threads)
             report = evaluate(args.runs, args.data, args.utterances, blank_penalty=args.blank_penalty, beam=args.beam,
-                              torchaudio_python=args.torchaudio_python, plots=args.plots, out=args.out)
+                              torchaudio_python=args.torchaudio_python, plots=args.plots, out=args.out,
+                              trim_db=args.trim_db, split=args.split)
             print(json.dumps(report, indent=2))
         else:
             compare(args.runs, args.out)

@@ -11,7 +11,8 @@ Methods (each word's start and end against the truth, in ms):
   enters the delimiter ``|`` before it (the model learns to emit ``|`` at a word's onset);
 - ``viterbi+trim``, ``viterbi_delimiter_onset+trim``: the same words, their ends moved back
   over trailing silence by :func:`ctclab.speech.trim_word_ends` (the last 5 ms stretch within
-  25 dB of the word's loudest; the threshold chosen on the training split);
+  25 dB of the word's loudest, ``--trim-db``; the threshold chosen on the training split with
+  ``eval --split train``);
 - ``posterior``: the frames where the word's states (its first to its last label state of the
   blank-extended target, the blanks inside it included) hold posterior occupancy >= 0.5, from
   the pipeline's emissions and the targets of its own text preparation;
@@ -184,24 +185,33 @@ def calibration(errors: Errors, bins: int = CONFIDENCE_BINS) -> dict:
 
 def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, blank_penalty_nats=(0.5, 1.0, 2.0),
              blank_penalty: float | None = None, beam: int = 32, torchaudio_python: str | None = None,
-             plots: int = 3, out: str | Path = "runs/speech-eval", alpha: float = 0.5, beta: float = 1.0) -> dict:
-    """Evaluate each training run in ``runs`` on the first ``utterances`` of ``data/test``; write
+             plots: int = 3, out: str | Path = "runs/speech-eval", alpha: float = 0.5, beta: float = 1.0,
+             trim_db: float | None = None, split: str = "test") -> dict:
+    """Evaluate each training run in ``runs`` on the first ``utterances`` of ``data/test``
+    (``split='train'``: of the training split, to choose settings such as ``trim_db``, the
+    ``+trim`` methods' threshold, default :data:`ctclab.speech.audio.TRIM_DROP_DB`, without
+    looking at the test set); write
     ``out/report.json`` and the pictures (``out/boundaries-*.png``, ``out/errors.png``,
     ``out/calibration.png``); return the report (without per-word lists)."""
     from ctclab.speech import align_audio, load_acoustic_model, prepare_text, trim_word_ends
+    from ctclab.speech.audio import TRIM_DROP_DB
     from ctclab.speech.corpus import align_log_probs
 
     out = Path(out)
     data = Path(data)
     folders = [model_folder(run) for run in runs]  # before anything is written
-    test = read_split(data / "test", utterances)
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    test = read_split(data / split, utterances)
     if not test:
-        raise ValueError(f"no test utterances in {str(data / 'test')!r}")
+        raise ValueError(f"no {split} utterances in {str(data / split)!r}")
+    trim = {} if trim_db is None else {"drop_db": trim_db}
     arpa = out / "train-bigram.arpa"
     write_arpa([json.loads(line)["text"] for line in (data / "train" / "manifest.jsonl").read_text().splitlines()], arpa)
     lm = NGramLM.from_arpa(arpa)
     penalties = sorted({*blank_penalty_nats, *([blank_penalty] if blank_penalty else [])})
-    report = {"utterances": len(test), "words": sum(len(u.words) for u in test), "runs": {}}
+    report = {"split": split, "utterances": len(test), "words": sum(len(u.words) for u in test),
+              "trim_db": TRIM_DROP_DB if trim_db is None else trim_db, "runs": {}}
     figures = {}
     for run, folder in zip(runs, folders):
         history = json.loads((Path(run) / "history.json").read_text()) if (Path(run) / "history.json").is_file() else None
@@ -213,15 +223,15 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
         emissions, kept = [], []
         for i, u in enumerate(test):
             print(f"\r{label}: aligning {i + 1}/{len(test)}", end="", file=sys.stderr, flush=True)
-            result = align_audio(model, data / "test" / "wav" / f"{u.id}.wav", u.text, id=u.id, keep_log_probs=True)
+            result = align_audio(model, data / split / "wav" / f"{u.id}.wav", u.text, id=u.id, keep_log_probs=True)
             lp = result.log_probs
             prepared = prepare_text(u.text, model.vocabulary, model.blank, model.word_delimiter)
             methods["viterbi"].add(u, [(w.start_time, w.end_time) for w in result.words], [w.confidence for w in result.words])
             shift = model.frame_shift
             onsets = delimiter_onsets(result, prepared, shift)
             methods["viterbi_delimiter_onset"].add(u, onsets)
-            methods["viterbi+trim"].add(u, trim_word_ends([(w.start_time, w.end_time) for w in result.words], u.audio, SAMPLE_RATE))
-            methods["viterbi_delimiter_onset+trim"].add(u, trim_word_ends(onsets, u.audio, SAMPLE_RATE))
+            methods["viterbi+trim"].add(u, trim_word_ends([(w.start_time, w.end_time) for w in result.words], u.audio, SAMPLE_RATE, **trim))
+            methods["viterbi_delimiter_onset+trim"].add(u, trim_word_ends(onsets, u.audio, SAMPLE_RATE, **trim))
             frames = posterior_word_frames(lp, prepared.targets, prepared.word_index, model.blank, len(u.words))
             methods["posterior"].add(u, [(a * shift, b * shift) for a, b in frames])
             for b in penalties:

@@ -398,3 +398,27 @@ def test_batch_major_input_without_batch_first_is_named_in_the_error():
         forced_align(lp, torch.tensor([[1, 2]]), input_lengths=torch.tensor([40]))
     with pytest.raises(TypeError, match="batch_first must be a bool"):
         forced_align(lp, torch.tensor([[1, 2]]), batch_first="yes")
+
+
+@pytest.mark.parametrize("impl", ["fused", "autograd"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_item_without_a_path_that_reads_nan_is_nan_not_inf_or_zero(impl, value):
+    # item 1's target "1 1 4" needs 4 frames and has 2: no path, loss inf (0 under zero_infinity);
+    # a NaN (or +inf) in a class it reads must still show, as the built-in's NaN does
+    torch.manual_seed(0)
+    lp = torch.randn(3, 3, 5, dtype=torch.float64).log_softmax(-1)
+    lp[1, 1, 4] = value  # read by item 1 (class 4 is in its target), inside its 2 frames
+    lp[0, 2, 3] = value  # item 2 has no path either, but class 3 is not one it reads
+    targets = torch.tensor([[1, 2, 0], [1, 1, 4], [1, 1, 1]])
+    il, tl = torch.tensor([3, 2, 2]), torch.tensor([2, 3, 3])
+    builtin = F.ctc_loss(lp, targets, il, tl, reduction="none", zero_infinity=True)
+    for zero_infinity in (False, True):
+        x = lp.clone().requires_grad_(True)
+        loss = ctclab.ctc_loss(x, targets, il, tl, reduction="none", zero_infinity=zero_infinity, impl=impl)
+        assert torch.isnan(loss[1]) and torch.isnan(builtin[1])
+        assert loss[2] == (0.0 if zero_infinity else math.inf)  # what it does not read changes nothing
+        torch.testing.assert_close(loss[0], builtin[0])
+        loss.sum().backward()
+        assert torch.isnan(x.grad[:, 1]).any() and not torch.isnan(x.grad[:, 0]).any()
+        if impl == "fused":  # (the autograd recursion's gradient of a pathless item is NaN if any score of its frames is)
+            assert not torch.isnan(x.grad[:, 2]).any()

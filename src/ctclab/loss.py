@@ -15,13 +15,14 @@ The maths is written once (:mod:`ctclab.graph`, :mod:`ctclab.semiring`); the bac
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import backends
-from ._inputs import CTCBatch, Lengths, compute_dtype, ctc_batch
+from ._inputs import CTCBatch, Lengths, compute_dtype, ctc_batch, frame_mask
 from .graph import CTCGraph, Topology, check_delay_penalty, check_topology
 
 Reduction = Literal["none", "mean", "sum"]
@@ -56,7 +57,28 @@ def batch_nll(
         graph = CTCGraph.build(batch, topology, delay_penalty)
     backend = backends.select("loss", impl, graph, batch.log_probs)
     log_probs = batch.log_probs if backend.reads_half else batch.log_probs.to(compute_dtype(batch.log_probs.dtype))
-    return backend.loss(graph, log_probs)
+    return _nan_if_pathless_item_reads_invalid(graph, batch.log_probs, backend.loss(graph, log_probs))
+
+
+def _nan_if_pathless_item_reads_invalid(graph: CTCGraph, log_probs: Tensor, nll: Tensor) -> Tensor:
+    """``nll`` with NaN (loss and gradient) for the items that have no path at all (their
+    target cannot fit their frames: ``inf``, or 0 under ``zero_infinity``) but whose frames hold
+    NaN or ``+inf`` in a class they read (a target class or blank), as the built-in gives: an
+    ``inf`` (or 0) there would hide that the model emitted NaN. Items with paths get their NaN
+    from the backends (where a state on the band reads it)."""
+    pathless = ~graph.feasible
+    if not bool(pathless.any()):
+        return nll
+    items = pathless.nonzero()[:, 0]
+    T = log_probs.shape[0]
+    read = log_probs[:, items].gather(2, graph.labels[items].unsqueeze(0).expand(T, -1, -1))  # (T, n, S)
+    invalid = frame_mask(T, graph.input_lengths[items])[..., None] & (torch.isnan(read) | (read == torch.inf))
+    bad = invalid.any(2).any(0)
+    if not bool(bad.any()):
+        return nll
+    # NaN whose gradient is NaN at the invalid scores (and 0 elsewhere)
+    poison = torch.where(invalid[:, bad], read[:, bad], 0.0).sum((0, 2)) * math.nan
+    return nll.index_put((items[bad],), poison.to(nll.dtype))
 
 
 def reduce_losses(losses: Tensor, target_lengths: Tensor, reduction: str, zero_infinity: bool) -> Tensor:

@@ -67,7 +67,7 @@ def test_a_small_budget_checkpoints_automatically(monkeypatch):
     lp = logits.log_softmax(-1)
     seen = []
     kernel = ctclab.backends.numba_viterbi.viterbi
-    monkeypatch.setattr(ctclab.backends.numba_viterbi, "viterbi", lambda *a: seen.append(a[2]) or kernel(*a))
+    monkeypatch.setattr(ctclab.backends.numba_viterbi, "viterbi", lambda *a: seen.append(a[3]) or kernel(*a))
     full = forced_align(lp, targets, il, tl)
     S = 2 * L + 1
     budget = viterbi_bytes(T, S, T) // 4  # the full table does not fit

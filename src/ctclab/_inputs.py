@@ -132,10 +132,6 @@ def _host_lengths(name: str, value: Lengths | None, size: int, default: int) -> 
     """``value`` as int64 numpy on the host (None: ``default`` for each of ``size`` items)."""
     if value is None:
         return np.full(size, default, dtype=np.int64)
-    if isinstance(value, Tensor):
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers (int32 or int64), got dtype {value.dtype}")
-        return value.detach().cpu().numpy().astype(np.int64, copy=False)
     return _lengths_tensor(name, value, torch.device("cpu")).numpy()
 
 

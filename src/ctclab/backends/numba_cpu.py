@@ -208,11 +208,8 @@ def viterbi(graph: CTCGraph, log_probs: Tensor, checkpoint_every: int | None = N
                  "or align shorter segments")
     states = torch.full((B, T), -1, dtype=torch.int64)
     path_score = torch.empty(B, dtype=torch.float64)
-    host = graph.host
-    arrays = numba_viterbi.Graph(host.labels, host.moves, host.start, host.final, host.entry, graph.host_band(T),
-                                 host.num_states, host.input_lengths)
-    numba_viterbi.viterbi(log_probs.detach().contiguous().numpy(), arrays, every, float(graph.delay_penalty),
-                          states.numpy(), path_score.numpy())
+    numba_viterbi.viterbi(log_probs.detach().contiguous().numpy(), graph.host, graph.host_band(T), every,
+                          float(graph.delay_penalty), states.numpy(), path_score.numpy())
     return states, path_score
 
 

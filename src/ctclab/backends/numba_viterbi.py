@@ -112,30 +112,6 @@ def _pack(codes, lo, hi, row):
         row[g] = codes[c] | (codes[c + _ONE] << 2) | (codes[c + _TWO] << 4) | (codes[c + np.uint64(3)] << 6)
 
 
-class Graph(NamedTuple):
-    """:class:`ctclab.graph.CTCGraph` as the kernel reads it (numpy arrays, ``S`` states).
-
-    Attributes:
-        labels: ``(B, S)`` int64, the class each state emits.
-        moves: ``(3, B, S)`` float64 log-weights of the moves into each state (skip, advance,
-            stay; ``-inf`` where none).
-        start, final, entry: ``(B, S)`` bool: start states, final states, and the states
-            whose entry the delay penalty weights.
-        band: ``(B, T, 2)`` int64, the states ``[lo, hi)`` to visit at each frame
-            (:meth:`ctclab.graph.CTCGraph.band`).
-        num_states, input_lengths: ``(B,)`` int64.
-    """
-
-    labels: np.ndarray
-    moves: np.ndarray
-    start: np.ndarray
-    final: np.ndarray
-    entry: np.ndarray
-    band: np.ndarray
-    num_states: np.ndarray
-    input_lengths: np.ndarray
-
-
 class Rows(NamedTuple):
     """One item's additive rows (``4 * groups`` float64 each, ``-inf`` / 0 past its states):
     the log-weights of the moves into each state, of starting there, and its entry flag."""
@@ -149,7 +125,7 @@ class Rows(NamedTuple):
 
 @_step_jit
 def _rows(g, b, width):
-    """Item ``b``'s :class:`Rows` from the graph's arrays (:class:`Graph`)."""
+    """Item ``b``'s :class:`Rows` from the graph's host arrays (:class:`ctclab.graph.HostArrays`)."""
     skip, advance, stay = np.full(width, -np.inf), np.full(width, -np.inf), np.full(width, -np.inf)
     start, entry = np.full(width, -np.inf), np.zeros(width)
     for s in range(g.num_states[b]):
@@ -162,11 +138,14 @@ def _rows(g, b, width):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def viterbi(log_probs, g, checkpoint_every, delay, states, path_scores):
+def viterbi(log_probs, g, band, checkpoint_every, delay, states, path_scores):
     """Best path of each item (the module docstring's recursion), exact, in float64.
 
     Args:
-        log_probs: ``(T, B, C)`` float32/float64; g: the graph (:class:`Graph`);
+        log_probs: ``(T, B, C)`` float32/float64; g: the graph's host arrays
+            (:class:`ctclab.graph.HostArrays`: labels, moves, start/final/entry states, lengths);
+        band: ``(B, T, 2)`` int64, the states ``[lo, hi)`` to visit at each frame
+            (:meth:`ctclab.graph.CTCGraph.band`);
         checkpoint_every: ``K >= 1`` (``>= T``: no checkpointing).
         delay: delay penalty ``lam``: entering an entry state at frame t adds ``-lam (t - T_b/2)``.
         states: ``(B, T)`` int64 out, the state of each frame (untouched beyond the input length).
@@ -190,11 +169,11 @@ def viterbi(log_probs, g, checkpoint_every, delay, states, path_scores):
         checkpoints = np.empty((segments if checkpointed else 0, 4 * groups + 4))
         delta = np.full(4 * groups + 4, -np.inf)  # two leading -inf stand for states -2, -1
         nxt = np.full(4 * groups + 4, -np.inf)
-        lo, hi = g.band[b, 0, 0], g.band[b, 0, 1]
+        lo, hi = band[b, 0, 0], band[b, 0, 1]
         _gather(log_probs, 0, b, g.labels, lo, hi, emit)
         _first(w, _entry_term(delay, 0, Tb), emit, lo, hi, delta)
         for t in range(1, Tb):
-            lo, hi = g.band[b, t, 0], g.band[b, t, 1]
+            lo, hi = band[b, t, 0], band[b, t, 1]
             _gather(log_probs, t, b, g.labels, lo, hi, emit)
             if checkpointed:
                 if t % K == 0:
@@ -220,14 +199,14 @@ def viterbi(log_probs, g, checkpoint_every, delay, states, path_scores):
                 window = max(0, state - 2 * K)
                 top = state + 1
                 if seg == 0:
-                    lo, hi = max(g.band[b, 0, 0], window), min(g.band[b, 0, 1], top)
+                    lo, hi = max(band[b, 0, 0], window), min(band[b, 0, 1], top)
                     _gather(log_probs, 0, b, g.labels, lo, hi, emit)
                     delta[:] = -np.inf
                     _first(w, _entry_term(delay, 0, Tb), emit, lo, hi, delta)
                 else:
                     delta[:] = checkpoints[seg, :]
                 for t in range(max(first, 1), stop):
-                    lo, hi = max(g.band[b, t, 0], window), min(g.band[b, t, 1], top)
+                    lo, hi = max(band[b, t, 0], window), min(band[b, t, 1], top)
                     _gather(log_probs, t, b, g.labels, lo, hi, emit)
                     _step(delta, w, _entry_term(delay, t, Tb), emit, lo, hi, nxt, codes)
                     _pack(codes, lo, hi, packed[t - first])

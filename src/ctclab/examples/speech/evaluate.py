@@ -202,6 +202,8 @@ def evaluate(runs: list[str | Path], data: str | Path, utterances: int = 600, bl
     folders = [model_folder(run) for run in runs]  # before anything is written
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if trim_db is not None and not 0 < trim_db < float("inf"):
+        raise ValueError(f"trim_db (--trim-db) must be a finite number of dB > 0, got {trim_db!r}")
     test = read_split(data / split, utterances)
     if not test:
         raise ValueError(f"no {split} utterances in {str(data / split)!r}")

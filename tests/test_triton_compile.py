@@ -80,3 +80,20 @@ def test_a_kernel_the_compiler_rejects_fails_with_its_message(tmp_path, monkeypa
 
     with pytest.raises(RuntimeError, match="does not compile for sm_90"):
         triton_support.compile_for_hopper(rejected_kernel.rejected, {"x_ptr": "*i32", "n": "i32"})
+
+
+@pytest.mark.parametrize("dtype", ["*fp32", "*fp64"])
+def test_the_research_paths_fused_step_compiles_for_sm90_without_spills(dtype):
+    """ctclab.backends.triton_step's two kernels (impl='autograd' on CUDA), at the block size it launches."""
+    from ctclab.backends import triton_step
+
+    pointers = {"alpha_ptr": dtype, "weights_ptr": dtype, "out_ptr": dtype}
+    sizes = {"BS": "i32", "S": "i32", "floor": "fp32", "BLOCK": "constexpr"}
+    jobs = [triton_support.Compilation(triton_step.log_transition_kernel, {**pointers, **sizes},
+                                       {"BLOCK": triton_step.BLOCK}, 4),
+            triton_support.Compilation(triton_step.log_transition_backward_kernel,
+                                       {**pointers, "g_ptr": dtype, "grad_ptr": dtype, **sizes},
+                                       {"BLOCK": triton_step.BLOCK}, 4)]
+    for resources in triton_support.compile_many(jobs):
+        print(dtype, resources)
+        assert resources.arch == "sm90" and 0 < resources.registers <= 255 and resources.spill_bytes == 0, resources

@@ -22,7 +22,7 @@ from torch import Tensor
 from ._compat import renamed
 from ._inputs import frame_mask
 from .graph import ADVANCE, NEG, SKIP, STAY, TOPOLOGIES, CTCGraph, Topology, check_delay_penalty  # noqa: F401
-from .semiring import LOG, backward, forward, log_semiring_sum, predecessors, successors  # noqa: F401
+from .semiring import LOG, LogSemiring, backward, forward, log_semiring_sum, predecessors, successors  # noqa: F401
 
 #: The graph under its first name; the same class.
 CTCTrellis = CTCGraph
@@ -31,13 +31,15 @@ CTCTrellis = CTCGraph
 STAR = -1
 
 
-def log_alpha(trellis: CTCGraph, emissions: Tensor) -> Tensor:
+def log_alpha(trellis: CTCGraph, emissions: Tensor, semiring: LogSemiring = LOG) -> Tensor:
     r"""Forward variables in log space, differentiable by autograd (double backward included):
     :func:`ctclab.semiring.forward` in the log semiring (Graves et al. 2006, eq. 6-7).
 
     Args:
         trellis: the batch's graph.
         emissions: ``(T, B, S)`` log-scores of each state's class (:meth:`CTCGraph.emissions`).
+        semiring: :data:`ctclab.semiring.LOG`, or the same semiring with its step fused into one
+            kernel (:data:`ctclab.backends.triton_step.FUSED_LOG`, CUDA).
 
     Returns:
         ``(T, B, S)`` :math:`\log \alpha`; frames at or beyond an item's input length continue the
@@ -47,7 +49,7 @@ def log_alpha(trellis: CTCGraph, emissions: Tensor) -> Tensor:
         return emissions
     alphas = []
     # unbind: one backward node for all frames, not one (T, B, S) zero-fill per frame
-    forward(trellis, emissions.unbind(0), LOG, lambda t, inflow, alpha: alphas.append(alpha) or alpha)
+    forward(trellis, emissions.unbind(0), semiring, lambda t, inflow, alpha: alphas.append(alpha) or alpha)
     return torch.stack(alphas)
 
 
@@ -90,10 +92,11 @@ def is_impossible(log_likelihoods: Tensor) -> Tensor:
     return log_likelihoods < NEG / 2
 
 
-def log_space_nll(trellis: CTCGraph, log_probs: Tensor) -> Tensor:
-    """``(B,)`` CTC loss of ``(T, B, C)`` log-scores by the log-space forward recursion,
-    differentiable by autograd; ``inf`` for items without any path."""
-    ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs)))
+def log_space_nll(trellis: CTCGraph, log_probs: Tensor, semiring: LogSemiring = LOG) -> Tensor:
+    """``(B,)`` CTC loss of ``(T, B, C)`` log-scores by the log-space forward recursion
+    (in ``semiring``, as :func:`log_alpha`), differentiable by autograd; ``inf`` for items
+    without any path."""
+    ll = log_likelihood(trellis, log_alpha(trellis, trellis.emissions(log_probs), semiring))
     return torch.where(is_impossible(ll), torch.inf, -ll)
 
 

@@ -1,8 +1,14 @@
-"""The fused loss's exact fallback in compiled code: items whose probability-space underflow bound
-is not negligible run again through the log-space kernels (numba_kernels._log_forward /
-_log_posteriors), never through the PyTorch loop. Checked on exactly the inputs that trigger it
-(each test asserts the fallback ran), against the built-in, the log-space reference backend and
-finite differences; the per-state posteriors ('posteriors' on the numba backend) too."""
+"""The fused loss's exact fallbacks in compiled code, never the PyTorch loop: items whose
+probability-space underflow bound is not negligible run again tilted (numba_kernels.item_tilt:
+the variables times r^s, which changes no path's score), and those it cannot vouch for either
+through the log-space kernels (numba_kernels._log_forward / _log_posteriors). Checked on exactly
+the inputs that trigger each (every test asserts which ran: blank-dominated frames are what the
+tilt undoes; a confident model sure of random classes needs log space), against the built-in,
+the log-space reference backend and finite differences; the per-state posteriors ('posteriors'
+on the numba backend) too."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,16 @@ def _hard_batch(kind, dtype=torch.float64, T=60, B=4, C=6, L=20, seed=0):
     return logits.to(dtype), targets, il, tl
 
 
+def _assert_fallback_ran(state, kind):
+    """Blank-dominated items are vouched for once tilted; confident ones run in log space."""
+    if kind == "blank":
+        assert state.tilted.any() and not state.log_space.any(), "the inputs must trigger the tilted retry"
+    elif kind == "confident":
+        assert state.log_space.any(), "the inputs must trigger the log-space fallback"
+    else:
+        assert not (state.tilted.any() or state.log_space.any())
+
+
 def _kernel_state(lp, targets, il, tl, topology="standard", delay_penalty=0.0, per_state=False):
     graph = CTCGraph.build(ctc_batch(lp, targets, il, tl), topology, delay_penalty)
     return numba_cpu._KernelState(graph, lp.detach(), need_grad=True, per_state=per_state)
@@ -63,7 +79,7 @@ def no_pytorch_recursion(monkeypatch):
 def test_fallback_matches_builtin(kind, no_pytorch_recursion):
     logits, targets, il, tl = _hard_batch(kind)
     lp = logits.log_softmax(-1)
-    assert _kernel_state(lp, targets, il, tl).log_space.any()
+    _assert_fallback_ran(_kernel_state(lp, targets, il, tl), kind)
     x = logits.clone().requires_grad_(True)
     ours = ctclab.ctc_loss(x.log_softmax(-1), targets, il, tl, reduction="sum", impl="fused")
     (ours_grad,) = torch.autograd.grad(ours, x)
@@ -83,7 +99,7 @@ def test_fallback_matches_log_space_reference(kind, topology, delay, dtype, monk
     lp = logits.log_softmax(-1)
     options = dict(topology=topology, delay_penalty=delay)
     state = _kernel_state(lp, targets, il, tl, **options)
-    assert state.log_space.any(), "the inputs must trigger the log-space fallback"
+    _assert_fallback_ran(state, kind)
     got = _nll_and_grad(lp, targets, il, tl, "numba", **options)
     ref = _nll_and_grad(lp.double(), targets, il, tl, "reference", **options)
     tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-5)
@@ -138,7 +154,7 @@ def test_state_posteriors_match_reference(kind, topology, delay):
     logits, targets, il, tl = _hard_batch(kind)
     lp = logits.log_softmax(-1)
     state = _kernel_state(lp, targets, il, tl, topology, delay, per_state=True)
-    assert state.log_space.any() == (kind != "plain")
+    _assert_fallback_ran(state, kind)
     options = dict(topology=topology, delay_penalty=delay)
     got = state_occupation(lp, targets, il, tl, impl="numba", **options)
     ref = state_occupation(lp, targets, il, tl, impl="reference", **options)
@@ -156,3 +172,65 @@ def test_bench_hard_reports_each_case_against_the_builtin(monkeypatch, capsys):
     assert "tiny blank phase: T=40 B=3 C=6 L=12" in out and "tiny -inf columns: T=30" in out
     assert out.count("loss matches: yes, grad matches: yes, CE grad matches: yes") == 2
     assert "hard inputs: fused fwd+bwd speed-up over the built-in" in out
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("log_tilt", [-3.0, 2.5])
+def test_a_tilt_changes_neither_the_likelihood_nor_any_posterior(topology, delay, log_tilt):
+    """The tilt's gauge (variables times r^s, moves r^(s - s'), start and final weights, the
+    likelihood divided by r^(S_b - 1)) run directly with an arbitrary r on plain inputs: the same
+    log-likelihood and per-state posteriors as untilted, item by item."""
+    from ctclab.backends import numba_kernels as nk
+
+    logits, targets, il, tl = _hard_batch("plain", T=30, L=8)
+    lp = logits.log_softmax(-1).contiguous()
+    state = _kernel_state(lp, targets, il, tl, topology, delay)
+    T, S, U = lp.shape[0], state.trellis.labels.shape[1], state.classes.shape[1]
+    classes, num_classes, g = state.classes.numpy(), state.num_classes.numpy(), state.graph
+    scratch = dict(alpha=np.zeros((T, S)), scaled=np.zeros((T, U)), state=np.zeros((2, S + 2)), shifted=np.zeros(U),
+                   bits=np.zeros(U, dtype=np.int64))
+    for b in range(lp.shape[1]):
+        results = []
+        for tilt in (1.0, math.exp(log_tilt)):
+            occupancy = np.zeros((T, lp.shape[1], S))
+            ll, _ = nk._forward(b, lp.numpy(), classes, num_classes, g, int(il[b]), delay, tilt, scratch["scaled"],
+                                scratch["alpha"], scratch["state"], scratch["shifted"], scratch["bits"],
+                                scratch["bits"].view(np.float64))
+            nk._posteriors(b, classes, num_classes, g, int(il[b]), delay, tilt, scratch["alpha"], scratch["scaled"],
+                           occupancy, False, True, np.zeros(S + 2), np.zeros(S + 2), np.zeros(S + 2), np.zeros(U))
+            results.append((ll, occupancy[:, b]))
+        assert results[1][0] == pytest.approx(results[0][0], rel=1e-13)
+        np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-10, atol=1e-13)
+
+
+def test_the_blank_phase_benchmark_case_runs_tilted_and_matches_the_builtin(no_pytorch_recursion):
+    """`ctclab bench --hard`'s blank phase (blank 12 above the rest, T=750, L=225): every item
+    the untilted pass cannot vouch for is vouched for tilted, none needs log space."""
+    case = bench.HARD_CASES[0]
+    logits, targets, il, tl = bench.make_hard_inputs(case)
+    logits = logits.double()
+    state = _kernel_state(logits.log_softmax(-1), targets, il, tl)
+    assert state.tilted.all() and not state.log_space.any()
+    x = logits.clone().requires_grad_(True)
+    ours = ctclab.ctc_loss(x.log_softmax(-1), targets, il, tl, reduction="none", impl="fused")
+    (ours_grad,) = torch.autograd.grad(ours.sum(), x)
+    y = logits.clone().requires_grad_(True)
+    theirs = F.ctc_loss(y.log_softmax(-1), targets, il, tl, reduction="none")
+    (theirs_grad,) = torch.autograd.grad(theirs.sum(), y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-9, atol=1e-10)
+
+
+def test_no_tilt_where_its_estimate_is_not_finite_or_there_is_no_label():
+    from ctclab.backends import numba_kernels as nk
+
+    logits, targets, il, tl = _hard_batch("plain")
+    lp = logits.log_softmax(-1).contiguous()
+    lp[:, 1, targets[1, 0]] = -torch.inf  # item 1 reads a class that is impossible at every frame
+    tl = tl.clone()
+    tl[2] = 0
+    state = _kernel_state(lp, targets, il, tl)
+    tilts = [nk.item_tilt(b, lp.numpy(), state.classes.numpy(), state.num_classes.numpy(), state.graph, int(il[b]),
+                          np.zeros(state.classes.shape[1])) for b in range(lp.shape[1])]
+    assert tilts[1] == 1.0 and tilts[2] == 1.0 and tilts[0] != 1.0 and all(math.isfinite(r) and r > 0 for r in tilts)

@@ -74,7 +74,9 @@ class _KernelState:
 
     Attributes:
         nll: ``(B,)`` negative log-likelihood in the scores' dtype.
-        log_space: ``(B,)`` bool, the items the kernels recomputed in log space.
+        tilted: ``(B,)`` bool, the items the kernels ran again tilted
+            (:func:`ctclab.backends.numba_kernels.item_tilt`) after a first pass they could not vouch for.
+        log_space: ``(B,)`` bool, the items the kernels recomputed in log space (after both).
         nan: ``(B,)`` bool, items that read a NaN score (NaN loss and gradient).
     """
 
@@ -95,13 +97,14 @@ class _KernelState:
         # double the loss's memory for vocabularies of thousands)
         self.compact = C > 2 * U
         self.per_state = per_state
-        loglik, self.log_space, self.occupancy = self._run(need_grad)
+        loglik, self.tilted, self.log_space, self.occupancy = self._run(need_grad)
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
         self.nll = (-loglik).to(log_probs.dtype)
 
-    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """The kernels' log-likelihoods, the items they recomputed in log space and (with ``need_grad``)
-        posteriors in the scores' dtype: per class, or per state ``(T, B, S)`` with :attr:`per_state`."""
+    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods, the items they ran tilted, those they recomputed in log
+        space and (with ``need_grad``) posteriors in the scores' dtype: per class, or per state
+        ``(T, B, S)`` with :attr:`per_state`."""
         import numba
 
         from . import numba_kernels
@@ -124,12 +127,12 @@ class _KernelState:
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
         with _threads_for(threads, chunked=B > threads):
-            loglik, _, log_space = map(torch.from_numpy, numba_kernels.forward_backward(
+            loglik, _, log_space, tilted = map(torch.from_numpy, numba_kernels.forward_backward(
                 self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
                 _MAX_UNDERFLOW_ERROR, self.per_state,
             ))
-        return loglik, log_space, occupancy
+        return loglik, tilted, log_space, occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
@@ -137,7 +140,7 @@ class _KernelState:
         graph recomputes them."""
         from . import numba_kernels
 
-        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[2]
+        occupancy = self.occupancy if self.occupancy is not None else self._run(True)[3]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
         scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
         if self.compact:

@@ -12,9 +12,12 @@ in its frame's scale) to underflow. A loss at frame ``t`` in state ``s`` changes
 and every posterior by at most ``TINY * beta_t(s) / z_t`` relative (``TINY * alpha_t(s) / z_t``
 for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``: the lost mass's whole
 future is in ``beta_t(s)``. :func:`_posteriors` adds ``TINY * (sum alpha_t + sum beta_t) / z_t``
-over the frames; the caller recomputes items whose bound is not negligible in log space
-(:mod:`ctclab.trellis`), so results are those of the log-space recursion, however extreme
-the scores.
+over the frames. An item whose bound is not negligible runs again tilted (:func:`item_tilt`:
+the variables times ``r^s``, which changes no path's score and no posterior, only how a frame's
+variables compare — what undoes a blank-dominated frame's or a long input's underflow); one
+whose tilted bound is not negligible either is recomputed in log space (:func:`_log_forward`,
+:func:`_log_posteriors`), so results are those of the log-space recursion, however extreme the
+scores.
 
 The state graph comes from :class:`ctclab.graph.CTCGraph` as arrays (:class:`KernelGraph`: each
 state's class column, the weights of the moves into it, start, final and entry states, the band
@@ -198,7 +201,7 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
 
 
 @_item_jit
-def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, state, shifted, bits, power):
+def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alpha, state, shifted, bits, power):
     r"""Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
     and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
     ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
@@ -206,11 +209,13 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
     blank's) is NaN at one of its frames, as the log-space recursion would give.
 
     :math:`\alpha_t(s) = y_t(s) [w_{stay}(s) \alpha_{t-1}(s) + e_t(s) (w_{adv}(s) \alpha_{t-1}(s-1)
-    + w_{skip}(s) \alpha_{t-1}(s-2))]`, ``e_t`` the delay penalty's entry factor.
+    + w_{skip}(s) \alpha_{t-1}(s-2))]`, ``e_t`` the delay penalty's entry factor; with a ``tilt``
+    ``r`` other than 1, the variables are :math:`\alpha_t(s) r^s` (:func:`item_tilt`).
     (One loop nest over frames and states, past 80 lines: the frame's emissions, its step and
     its rescaling share the per-frame scale and band, which a split would pass back and forth.)"""
     flagged = False
     Sb = g.num_states[b]
+    unit = g.unit_moves and tilt == 1.0  # one loop-invariant branch
     for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1
         state[0, s] = 0.0
         state[1, s] = 0.0
@@ -254,13 +259,13 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
         for s in range(lo, hi):
             if t == 0:
                 kept = 0.0
-                entering = g.start[b, s]
-            elif g.unit_moves:
+                entering = g.start[b, s] * tilt ** s if g.start[b, s] != 0.0 else 0.0
+            elif unit:
                 kept = state[prev, s + 2]
                 entering = state[prev, s + 1] + g.skip[b, s] * state[prev, s]
             else:
                 kept = g.stay[b, s] * state[prev, s + 2]
-                entering = g.advance[b, s] * state[prev, s + 1] + g.skip[b, s] * state[prev, s]
+                entering = tilt * (g.advance[b, s] * state[prev, s + 1] + tilt * g.skip[b, s] * state[prev, s])
             if delay != 0.0:
                 entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
             y = scaled[t, g.state_class[b, s]] * inv_prev
@@ -281,15 +286,16 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled, alpha, st
         last = (Tb - 1) & 1
         end = 0.0
         for s in range(lo, hi):
-            end += g.final[b, s] * state[last, s + 2]
+            if g.final[b, s] != 0.0:
+                end += g.final[b, s] * tilt ** (Sb - 1 - s) * state[last, s + 2]
         if end == 0.0:
             return -np.inf, flagged
-        return total + math.log(end * inv_prev), flagged
+        return total + math.log(end * inv_prev) - (Sb - 1) * math.log(tilt), flagged
     return -np.inf, flagged
 
 
 @_item_jit
-def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy, write, per_state,
+def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occupancy, write, per_state,
                 beta, weighted, entering, per_class):
     r"""Backward pass of item ``b``: beta, and its posteriors into ``occupancy``: per class (when
     ``write``) or per state (``per_state``: ``occupancy`` ``(T, B, S)``).
@@ -298,11 +304,13 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy,
     docstring; inf where a frame's ``z`` vanished).
 
     :math:`\beta_{t-1}(s) = w_{stay}(s)\, \beta_t(s) y_t(s) + e_t(s{+}1) w_{adv}(s{+}1)\, \beta_t(s{+}1) y_t(s{+}1)
-    + e_t(s{+}2) w_{skip}(s{+}2)\, \beta_t(s{+}2) y_t(s{+}2)`, rescaled per frame."""
+    + e_t(s{+}2) w_{skip}(s{+}2)\, \beta_t(s{+}2) y_t(s{+}2)`, rescaled per frame; times
+    :math:`r^{-s}` with a ``tilt`` ``r`` other than 1 (the posteriors do not change)."""
     error = 0.0
     Sb = g.num_states[b]
-    for s in range(Sb + 2):
-        beta[s] = g.final[b, s] if s < Sb else 0.0  # two trailing zeros stand for states Sb and Sb+1
+    unit = g.unit_moves and tilt == 1.0
+    for s in range(Sb + 2):  # two trailing zeros stand for states Sb and Sb+1
+        beta[s] = g.final[b, s] * tilt ** (Sb - 1 - s) if s < Sb and g.final[b, s] != 0.0 else 0.0
         weighted[s] = 0.0  # beta_t(s) y_t(s); outside the band: 0, or read through a move of weight 0
         entering[s] = 0.0  # the same, times the entry factor of the delay penalty
     for u in range(num_classes[b]):
@@ -354,12 +362,13 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, alpha, scaled, occupancy,
         # beta_{t-1}(s) = sum over successors s' of w(s -> s') beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
         inv = 1.0 / beta_norm
         plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
-        if g.unit_moves:
+        if unit:
             for s in range(plo, phi):
                 beta[s] = (weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
         else:
             for s in range(plo, phi):
-                beta[s] = (g.stay[b, s] * weighted[s] + g.advance[b, s + 1] * into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
+                beta[s] = (g.stay[b, s] * weighted[s]
+                           + tilt * (g.advance[b, s + 1] * into[s + 1] + tilt * g.skip[b, s + 2] * into[s + 2])) * inv
     return error
 
 
@@ -626,14 +635,59 @@ def _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, n
     return ll
 
 
+#: The largest ``|log r|`` of a tilt (:func:`item_tilt`): moves weighted ``r``, ``r^2`` stay far
+#: inside float64's range.
+MAX_LOG_TILT = 30.0
+
+
+@_item_jit
+def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
+    r"""The tilt ``r`` of item ``b``'s retry (:func:`forward_backward`): the recursion then runs on
+    :math:`\alpha_t(s) r^s` and :math:`\beta_t(s) r^{-s}` — advance moves weighted ``r``, skips
+    ``r^2``, start state ``s`` ``r^s``, final state ``s`` ``r^{S_b - 1 - s}`` and the likelihood
+    divided by :math:`r^{S_b - 1}` —, which changes no path's score (a move from ``s'`` to ``s``
+    gets :math:`r^{s - s'}`: the factors of a path telescope), so neither the likelihood nor any
+    posterior, only how the variables of a frame compare.
+
+    That is what underflow depends on. In a blank-dominated frame (CTC's blank phase) or with
+    long inputs, the forward variables fall by the label-to-blank score ratio with every label
+    entered, so at frame ``t`` the states where the posterior mass lies (around
+    :math:`s \approx 2 t L_b / T_b`) sit hundreds of orders of magnitude below the frame's
+    maximum (near the start) and underflow, while the backward variables mirror it. ``r`` undoes
+    this on average: :math:`r^2 = \frac{\bar p_{blank}}{\bar p_{label}} \frac{L_b}{T_b - L_b}`,
+    the geometric means over the item's frames of blank's and its target labels' scores, times
+    the ratio that puts the peak of a binomial path count at the posterior's position. 1 when
+    it is not finite (``-inf`` scores) or the item has no label. ``mean`` ``(U,)`` is scratch."""
+    Sb = g.num_states[b]
+    labels = (Sb - 1) // 2  # label states are the odd ones (ctclab.graph.CTCGraph.build)
+    if labels == 0 or Tb <= 0:
+        return 1.0
+    n = num_classes[b]
+    for u in range(n):
+        mean[u] = 0.0
+    for t in range(Tb):
+        for u in range(n):
+            mean[u] += log_probs[t, b, classes[b, u]]
+    label_sum = 0.0
+    for s in range(1, Sb, 2):
+        label_sum += mean[g.state_class[b, s]]
+    log_r2 = (mean[g.state_class[b, 0]] - label_sum / labels) / Tb + math.log(labels / max(Tb - labels, 1))
+    for u in range(n):
+        mean[u] = 0.0
+    if not abs(log_r2) < np.inf:  # NaN or infinite
+        return 1.0
+    return math.exp(min(max(0.5 * log_r2, -MAX_LOG_TILT), MAX_LOG_TILT))
+
+
 @_jit
 def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_grad, occupancy, alpha, scaled,
-                     max_error, per_state):
+                     max_error, per_state, retry_tilted=True):
     """Forward and backward pass, item by item: each thread keeps its item's forward variables
     in a buffer of its own, read back by the backward pass from cache rather than from memory.
     Items whose underflow bound exceeds ``max_error``, or whose likelihood vanished, run again
-    in log space (:func:`_log_forward`, :func:`_log_posteriors`) on the same thread: results
-    are those of the log-space recursion, however extreme the scores.
+    tilted (:func:`item_tilt`; unless ``retry_tilted`` is False), and if that does not do
+    either, in log space (:func:`_log_forward`, :func:`_log_posteriors`), on the same thread:
+    results are those of the log-space recursion, however extreme the scores.
 
     Args:
         log_probs: ``(T, B, C)`` float32/float64 log-scores.
@@ -659,7 +713,8 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
         ``(B,)`` float64 log-likelihood (-inf if no path, NaN if the item reads a NaN score;
         such items' posteriors are left 0), ``(B,)`` float64 bound on the relative error that
         underflow caused (0 where the backward pass did not run, and for items run in log
-        space), ``(B,)`` bool: the items run in log space.
+        space), ``(B,)`` bool: the items run in log space, ``(B,)`` bool: the items run again
+        tilted.
     """
     B = log_probs.shape[1]
     threads, _, S = alpha.shape
@@ -668,6 +723,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     loglik = np.full(B, -np.inf)
     error = np.zeros(B)
     log_space = np.zeros(B, dtype=np.bool_)
+    tilted = np.zeros(B, dtype=np.bool_)
     # each thread's scratch, made once: the per-item functions take it all from here
     state = np.zeros((threads, 2, S + 2))
     shifted = np.empty((threads, U))
@@ -679,13 +735,22 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
         thread = numba.get_thread_id()
         Tb = input_lengths[b]
-        ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, scaled[thread],
-                               alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
-        ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
-        if ran:
-            error[b] = _posteriors(b, columns, num_classes, g, Tb, delay, alpha[thread], scaled[thread],
-                                   occupancy, need_grad and not per_state, per_state, beta[thread], weighted[thread],
-                                   entering[thread], per_class[thread])
+        tilt = 1.0
+        for attempt in range(2):  # untilted, then (if underflow may matter) tilted towards the targets
+            ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled[thread],
+                                   alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
+            ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
+            error[b] = 0.0
+            if ran:
+                error[b] = _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha[thread], scaled[thread],
+                                       occupancy, need_grad and not per_state, per_state, beta[thread],
+                                       weighted[thread], entering[thread], per_class[thread])
+            if (ll > -np.inf and error[b] <= max_error) or ll != ll or attempt == 1 or Tb == 0:
+                break
+            tilt = item_tilt(b, log_probs, classes, num_classes, g, Tb, per_class[thread]) if retry_tilted else 1.0
+            if tilt == 1.0:
+                break
+            tilted[b] = True
         if ll == -np.inf or error[b] > max_error:  # underflow that may matter, or a vanished score
             log_space[b] = True
             error[b] = 0.0
@@ -697,7 +762,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
             for t in range(Tb if complete else 0, occupancy.shape[0]):
                 for c in range(occupancy.shape[2]):
                     occupancy[t, b, c] = 0.0
-    return loglik, error, log_space
+    return loglik, error, log_space, tilted
 
 
 _TINY64 = 2.2250738585072014e-308

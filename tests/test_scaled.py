@@ -1,19 +1,20 @@
 """The probability-space recursion behind impl='autograd' (ctclab.scaled): its transition operator,
 its underflow bound (CPU kernel against the PyTorch reference) and the fallbacks that keep its
 results those of the log-space recursion however extreme the scores."""
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch
 
 from ctclab import scaled, semiring
-from ctclab.graph import ADVANCE, SKIP, STAY
+from ctclab.graph import ADVANCE, SKIP, STAY, TOPOLOGIES
 from ctclab._inputs import ctc_batch
 from ctclab.trellis import CTCTrellis
 from ctclab.trellis import log_space_nll
 
 
-def trellis_of(log_probs, targets, il, tl):
-    return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0))
+def trellis_of(log_probs, targets, il, tl, topology="standard"):
+    return CTCTrellis.build(ctc_batch(log_probs, targets, il, tl, 0), topology)
 
 
 @pytest.mark.parametrize("unit", [False, True])  # any weights; stay and advance all 1 (a shortcut)
@@ -89,7 +90,7 @@ def test_the_bound_covers_the_float32_error_on_long_utterances():
     assert (relative[certified] <= bound[certified] + rounding[certified]).all()
 
 
-def test_uncertified_items_are_redone_in_float64_then_log_space(monkeypatch):
+def test_uncertified_items_are_redone_in_float64_tilted_then_log_space(monkeypatch):
     logits, targets, il, tl = random_batch(400, 6, 8, 120, seed=21)
     lp = logits.log_softmax(-1).requires_grad_(True)
     trellis = trellis_of(lp, targets, il, tl)
@@ -97,13 +98,14 @@ def test_uncertified_items_are_redone_in_float64_then_log_space(monkeypatch):
     calls = []
     certified_nll = scaled._certified_nll
 
-    def spy(trellis, log_probs, dtype):
-        calls.append((dtype, trellis.labels.shape[0]))
-        return certified_nll(trellis, log_probs, dtype)
+    def spy(trellis, log_probs, dtype, tilt=None):
+        calls.append((dtype, trellis.labels.shape[0], tilt))
+        return certified_nll(trellis, log_probs, dtype, tilt)
 
     monkeypatch.setattr(scaled, "_certified_nll", spy)
     nll = scaled.scaled_nll(trellis, lp)
-    assert calls[0] == (torch.float32, 6) and calls[1][0] == torch.float64 and 0 < calls[1][1] < 6
+    assert calls[0][:2] == (torch.float32, 6) and calls[0][2] is None
+    assert calls[1][0] == torch.float64 and 0 < calls[1][1] < 6 and calls[1][2].shape == (calls[1][1],)
     assert nll.dtype == torch.float32
     exact = log_space_nll(trellis, lp.double())
     torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=0)
@@ -173,3 +175,61 @@ def test_second_derivatives_across_the_log_space_fallback():
 
     assert torch.autograd.gradcheck(f, (x,))
     assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_a_tilt_changes_neither_the_likelihood_nor_its_gradient(topology):
+    """TiltedProbability's gauge with arbitrary tilts, one per item: the same log-likelihood and
+    gradient as untilted; its underflow bound the same on CPU (numba, tilted_graph) as the
+    PyTorch reference."""
+    logits, targets, il, tl = random_batch(25, 4, 6, 6, seed=4, dtype=torch.float64)
+    lp = logits.log_softmax(-1).requires_grad_(True)
+    trellis = trellis_of(lp, targets, il, tl, topology)
+    tilt = torch.tensor([0.05, 1.0, 7.0, 300.0], dtype=torch.float64)
+    plain, tilted = scaled.scaled_forward(trellis, lp), scaled.scaled_forward(trellis, lp, tilt=tilt)
+    torch.testing.assert_close(tilted.log_likelihood, plain.log_likelihood, rtol=1e-13, atol=1e-13)
+    (want,) = torch.autograd.grad(plain.log_likelihood.sum(), lp)
+    (got,) = torch.autograd.grad(tilted.log_likelihood.sum(), lp)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(scaled.underflow_bound(tilted), scaled.reference_underflow_bound(tilted),
+                               rtol=1e-9, atol=1e-300)
+
+
+def test_the_tilt_estimate_is_the_cpu_kernels(monkeypatch):
+    """scaled.item_tilts (any device) and numba_kernels.item_tilt (inside the fused kernel) are the
+    same estimate: blank-dominated items get r > 1, items without labels 1."""
+    from ctclab.backends import numba_cpu, numba_kernels
+
+    logits, targets, il, tl = random_batch(40, 5, 7, 9, seed=8, dtype=torch.float64)
+    logits[..., 0] += torch.linspace(0, 20, 5, dtype=torch.float64)  # more blank-dominated item by item
+    tl[4] = 0
+    lp = logits.log_softmax(-1)
+    trellis = trellis_of(lp, targets, il, tl)
+    state = numba_cpu._KernelState(trellis, lp, need_grad=False)
+    kernel = [numba_kernels.item_tilt(b, lp.numpy(), state.classes.numpy(), state.num_classes.numpy(), state.graph,
+                                      int(il[b]), np.zeros(state.classes.shape[1])) for b in range(5)]
+    ours = scaled.item_tilts(trellis, lp)
+    torch.testing.assert_close(ours, torch.tensor(kernel, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert ours[4] == 1.0 and (ours[1:4].diff() > 0).all() and ours[3] > 1
+
+
+def test_the_blank_phase_runs_tilted_not_in_log_space(monkeypatch):
+    """`ctclab bench --hard`'s blank phase (blank 12 above the rest, T=750, L=225; two of its
+    items): not even float64 vouches for them untilted; the tilted float64 pass does, and nothing
+    reaches the log-space loop."""
+    from ctclab import bench
+
+    logits, targets, il, tl = bench.make_hard_inputs(bench.HARD_CASES[0])
+    lp = logits[:, :2].log_softmax(-1).requires_grad_(True)
+    targets, il, tl = targets[:2], il[:2], tl[:2]
+    trellis = trellis_of(lp, targets, il, tl)
+    assert not scaled.scaled_forward(trellis, lp.double()).certified().any()
+    monkeypatch.setattr(scaled, "log_space_nll", lambda *a: pytest.fail("the log-space loop ran"))
+    nll = scaled.scaled_nll(trellis, lp)
+    (grad,) = torch.autograd.grad(nll.sum(), lp)
+    monkeypatch.undo()
+    x = lp.detach().double().requires_grad_(True)
+    exact = log_space_nll(trellis, x)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), x)
+    torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-5)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._compat import renamed
 from ._inputs import frame_mask
-from .semiring import PROBABILITY, ProbabilityWeights, backward, forward
+from .semiring import PROBABILITY, ProbabilityWeights, TiltedProbability, backward, forward
 from .trellis import NEG, CTCTrellis, is_impossible
 from .trellis import log_space_nll
 
@@ -64,13 +64,17 @@ class ScaledForward:
             the forward variables are ``v_t = inflows[t] * emissions[t]``.
         emissions: ``(T, B, S)`` each state's emission divided by its frame's maximum (1 past
             an item's input length).
+        semiring: :data:`ctclab.semiring.PROBABILITY`, or a
+            :class:`ctclab.semiring.TiltedProbability` (the variables times ``r^s``).
     """
 
-    def __init__(self, trellis: CTCTrellis, log_likelihood: Tensor, inflows: list[Tensor], emissions: Tensor):
+    def __init__(self, trellis: CTCTrellis, log_likelihood: Tensor, inflows: list[Tensor], emissions: Tensor,
+                 semiring=PROBABILITY):
         self.trellis = trellis
         self.log_likelihood = log_likelihood
         self.inflows = inflows
         self.emissions = emissions
+        self.semiring = semiring
 
     def certified(self) -> Tensor:
         """``(B,)`` bool: the item's log-likelihood is that of the log-space recursion to within
@@ -123,7 +127,8 @@ def _normalise_every(emissions: Tensor) -> int:
     return 1 + min(3, int(20 / spread)) if spread > 0 else 4
 
 
-def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | None = None) -> ScaledForward:
+def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | None = None,
+                   tilt: Tensor | None = None) -> ScaledForward:
     r"""Forward variables in probability space, rescaled (Graves et al. 2006, eq. 9),
     differentiable by autograd (double backward included).
 
@@ -137,6 +142,9 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
         trellis: the batch's state graph (no delay penalty).
         log_probs: ``(T, B, C)`` log-scores.
         dtype: float32 or float64, the recursion's dtype (default: that of ``log_probs``).
+        tilt: ``(B,)`` the recursion runs on the variables times ``tilt^s``
+            (:class:`ctclab.semiring.TiltedProbability`, :func:`item_tilts`); the same
+            likelihood, less underflow where the items' scores favour early states. Default: none.
 
     Returns:
         A :class:`ScaledForward`; check :meth:`ScaledForward.certified` before trusting an item.
@@ -157,7 +165,8 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
         return ScaledForward(trellis, no_frames, [], torch.zeros(0, B, S, dtype=dtype, device=device))
     emissions, shift = _state_emissions(trellis, log_probs, dtype)
     every = _normalise_every(emissions)
-    accepting = trellis.final.to(dtype)
+    semiring = PROBABILITY if tilt is None else TiltedProbability(tilt)
+    accepting = semiring.final(trellis, dtype)
     ends = _last_frames(trellis)
     tiny = torch.finfo(dtype).tiny
     inflows, finals, divisors = [], [], []
@@ -173,7 +182,7 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
         inflows.append(inflow)
         return alpha
 
-    forward(trellis, emissions.unbind(0), PROBABILITY, rescale)  # unbind: one backward node for all frames
+    forward(trellis, emissions.unbind(0), semiring, rescale)  # unbind: one backward node for all frames
     # the constants' logs, summed in float64 (hundreds of terms)
     inside = frame_mask(T, trellis.input_lengths)
     log_scale = torch.where(inside, shift.double(), 0.0).sum(0)
@@ -183,10 +192,12 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
     final = torch.zeros(B, dtype=dtype, device=device)
     if finals:
         final = final.index_put((torch.cat(list(ends.values())),), torch.cat(finals))
+    if tilt is not None:  # every path's score was multiplied by tilt^(S_b - 1)
+        log_scale -= (trellis.num_states - 1) * tilt.double().log()
     survived = final > 0
     ll = torch.where(survived, torch.where(survived, final, 1.0).log() + log_scale.to(dtype), -torch.inf)
     ll = torch.where(trellis.input_lengths == 0, no_frames, ll)
-    return ScaledForward(trellis, ll, inflows, emissions)
+    return ScaledForward(trellis, ll, inflows, emissions, semiring)
 
 
 @torch.no_grad()
@@ -214,9 +225,12 @@ def underflow_bound(forward: ScaledForward) -> Tensor:
         from .backends import numba_kernels
 
         trellis = forward.trellis
+        graph = trellis.kernel_graph(0)
+        if isinstance(forward.semiring, TiltedProbability):
+            graph = numba_kernels.tilted_graph(graph, forward.semiring.tilt.double().numpy())
         return torch.from_numpy(numba_kernels.scaled_underflow_bound(
             numba.typed.List([x.detach().numpy() for x in forward.inflows]), forward.emissions.detach().numpy(),
-            trellis.kernel_graph(0), torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
+            graph, torch.finfo(forward.emissions.dtype).tiny, numba.get_num_threads(),
         ))
     return reference_underflow_bound(forward)
 
@@ -243,10 +257,35 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
         terms[t] = torch.where(overlap > 0, losses / overlap, torch.inf)
         return beta * scale
 
-    backward(trellis, emissions.unbind(0), PROBABILITY, bound_term)
+    backward(trellis, emissions.unbind(0), forward.semiring, bound_term)
     if T == 0:
         return torch.zeros(trellis.labels.shape[0], dtype=dtype, device=emissions.device)
     return torch.where(frame_mask(T, trellis.input_lengths), torch.stack(terms), 0.0).sum(0)
+
+
+#: The largest ``|log r|`` of a tilt (as :data:`ctclab.backends.numba_kernels.MAX_LOG_TILT`).
+MAX_LOG_TILT = 30.0
+
+
+@torch.no_grad()
+def item_tilts(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
+    r"""``(B,)`` float64 tilt ``r`` of each item (:class:`ctclab.semiring.TiltedProbability`):
+    :math:`r^2 = \frac{\bar p_{blank}}{\bar p_{label}} \frac{L_b}{T_b - L_b}`, the geometric
+    means over the item's frames of blank's and its target labels' scores (each label counted as
+    often as the target has it), times the ratio that puts the peak of a binomial path count where
+    the posterior mass lies; 1 where that is not finite or the item has no label. The estimate of
+    the CPU kernels' :func:`ctclab.backends.numba_kernels.item_tilt` (which explains why it undoes
+    a blank-dominated frame's underflow), for any device."""
+    T = log_probs.shape[0]
+    labels = trellis.target_lengths.to(torch.float64)
+    frames = trellis.input_lengths.to(torch.float64)
+    scores = torch.where(frame_mask(T, trellis.input_lengths)[..., None], log_probs.double(), 0.0)
+    totals = scores.sum(0).gather(1, trellis.labels)  # (B, S): each state's class summed over the item's frames
+    label_states = (torch.arange(trellis.labels.shape[1], device=totals.device) % 2 == 1) & ~trellis.padding
+    label_mean = torch.where(label_states, totals, 0.0).sum(1) / labels
+    log_r2 = (totals[:, 0] - label_mean) / frames + torch.log(labels / (frames - labels).clamp(min=1))
+    log_r = (0.5 * log_r2).clamp(-MAX_LOG_TILT, MAX_LOG_TILT)
+    return torch.where(torch.isfinite(log_r2) & (labels > 0) & (frames > 0), log_r.exp(), 1.0)
 
 
 #: Below this many states per frame (batch x states) the recursion's cost is per operation, not
@@ -259,15 +298,17 @@ def scaled_nll(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
     ``inf`` for items without any path.
 
     float32 scores run in float32 when the frames are large, items that :meth:`ScaledForward.certified`
-    cannot vouch for again in float64; items float64 cannot vouch for either are recomputed in
-    log space (:func:`ctclab.trellis.log_space_nll`)."""
+    cannot vouch for again in float64 and tilted (:func:`item_tilts`: float64's range and the
+    tilt each undo most underflow, together the blank phase's too); items neither pass can vouch
+    for are recomputed in log space (:func:`ctclab.trellis.log_space_nll`)."""
     B, S = trellis.labels.shape
     dtype = log_probs.dtype
     work = torch.float64 if B * S <= SMALL_FRAME else dtype
     nll, redo = _certified_nll(trellis, log_probs, work)
-    if work != torch.float64 and bool(redo.any()):
+    if bool(redo.any()):
         items = redo.nonzero().squeeze(1)
-        retried, still = _certified_nll(trellis.select(items), log_probs[:, items], torch.float64)
+        part = trellis.select(items)
+        retried, still = _certified_nll(part, log_probs[:, items], torch.float64, item_tilts(part, log_probs[:, items]))
         nll = nll.index_put((items,), retried.to(work))
         redo = redo.index_put((items,), still)
     if bool(redo.any()):
@@ -276,10 +317,11 @@ def scaled_nll(trellis: CTCTrellis, log_probs: Tensor) -> Tensor:
     return nll.to(dtype)
 
 
-def _certified_nll(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(B,)`` NLL by :func:`scaled_forward` in ``dtype`` and ``(B,)`` bool, the items it cannot
-    vouch for."""
-    forward = scaled_forward(trellis, log_probs, dtype)
+def _certified_nll(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype,
+                   tilt: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(B,)`` NLL by :func:`scaled_forward` in ``dtype`` (with ``tilt``) and ``(B,)`` bool, the
+    items it cannot vouch for."""
+    forward = scaled_forward(trellis, log_probs, dtype, tilt)
     ll = forward.log_likelihood
     return torch.where(is_impossible(ll), torch.inf, -ll), ~forward.certified()
 

@@ -227,6 +227,36 @@ class ProbabilitySemiring:
         return x.sum(dim)
 
 
+class TiltedProbability(ProbabilitySemiring):
+    r""":class:`ProbabilitySemiring` on the variables times :math:`r_b^s` (``tilt`` ``(B,)``, one
+    ``r`` per item): advance moves weighted ``r``, skips ``r^2``, start state ``s`` ``r^s``, final
+    state ``s`` ``r^{S_b - 1 - s}``. Every path's score is multiplied by :math:`r^{S_b - 1}` (a
+    move from ``s'`` to ``s`` gets :math:`r^{s - s'}`: the factors telescope), which the caller
+    divides out; posteriors do not change. What changes is how a frame's variables compare, and
+    so what underflows (:func:`ctclab.scaled.item_tilts`)."""
+
+    def __init__(self, tilt: Tensor):
+        self.tilt = tilt
+
+    def _powers(self, graph: CTCGraph, exponents: Tensor, where: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.where(where, self.tilt.to(dtype)[:, None] ** exponents.to(dtype), 0.0)
+
+    def weights(self, graph: CTCGraph, t: int, dtype: torch.dtype) -> ProbabilityWeights:
+        if graph.delay_penalty:
+            raise ValueError("the probability semiring does not run the delay penalty; use the log semiring")
+        r = self.tilt.to(dtype)[:, None]
+        moves = graph.probability_weights(dtype) * torch.stack((r * r, r, torch.ones_like(r)))  # skip, advance, stay
+        return ProbabilityWeights.of(moves, graph.padding)
+
+    def initial(self, graph: CTCGraph, dtype: torch.dtype) -> Tensor:
+        states = torch.arange(graph.labels.shape[1], device=graph.labels.device)
+        return self._powers(graph, states.expand_as(graph.start), graph.start, dtype)
+
+    def final(self, graph: CTCGraph, dtype: torch.dtype) -> Tensor:
+        states = torch.arange(graph.labels.shape[1], device=graph.labels.device)
+        return self._powers(graph, graph.num_states[:, None] - 1 - states, graph.final, dtype)
+
+
 LOG = LogSemiring()
 PROBABILITY = ProbabilitySemiring()
 

@@ -640,6 +640,17 @@ def _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, n
 MAX_LOG_TILT = 30.0
 
 
+def tilted_graph(g: KernelGraph, tilt: np.ndarray) -> KernelGraph:
+    """``g`` with each item's moves, final weights and start weights tilted by ``tilt`` ``(B,)``
+    (:func:`item_tilt`'s gauge, as arrays: what :func:`scaled_underflow_bound` reads for a
+    tilted forward, :class:`ctclab.semiring.TiltedProbability`)."""
+    r = tilt[:, None]
+    states = np.arange(g.start.shape[1])
+    final = g.final * r ** np.where(g.final != 0.0, g.num_states[:, None] - 1 - states, 0)
+    start = g.start * r ** np.where(g.start != 0.0, states, 0)
+    return g._replace(advance=g.advance * r, skip=g.skip * r * r, start=start, final=final, unit_moves=False)
+
+
 @_item_jit
 def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
     r"""The tilt ``r`` of item ``b``'s retry (:func:`forward_backward`): the recursion then runs on

@@ -198,7 +198,8 @@ def test_a_tilt_changes_neither_the_likelihood_nor_any_posterior(topology, delay
                                 scratch["alpha"], scratch["state"], scratch["shifted"], scratch["bits"],
                                 scratch["bits"].view(np.float64))
             nk._posteriors(b, classes, num_classes, g, int(il[b]), delay, tilt, scratch["alpha"], scratch["scaled"],
-                           occupancy, False, True, np.zeros(S + 2), np.zeros(S + 2), np.zeros(S + 2), np.zeros(U))
+                           occupancy, False, True, np.zeros(S + 2), np.zeros(S + 2), np.zeros(S + 2), np.zeros(U),
+                           np.inf)
             results.append((ll, occupancy[:, b]))
         assert results[1][0] == pytest.approx(results[0][0], rel=1e-13)
         np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-10, atol=1e-13)

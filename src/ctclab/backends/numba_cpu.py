@@ -74,8 +74,9 @@ class _KernelState:
 
     Attributes:
         nll: ``(B,)`` negative log-likelihood in the scores' dtype.
-        tilted: ``(B,)`` bool, the items the kernels ran again tilted
-            (:func:`ctclab.backends.numba_kernels.item_tilt`) after a first pass they could not vouch for.
+        tilted: ``(B,)`` bool, the items the kernels ran tilted
+            (:func:`ctclab.backends.numba_kernels.item_tilt`): from the start, or after an
+            untilted pass they could not vouch for.
         log_space: ``(B,)`` bool, the items the kernels recomputed in log space (after both).
         nan: ``(B,)`` bool, items that read a NaN score (NaN loss and gradient).
     """

@@ -296,12 +296,13 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
 
 @_item_jit
 def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occupancy, write, per_state,
-                beta, weighted, entering, per_class):
+                beta, weighted, entering, per_class, max_error):
     r"""Backward pass of item ``b``: beta, and its posteriors into ``occupancy``: per class (when
     ``write``) or per state (``per_state``: ``occupancy`` ``(T, B, S)``).
     ``beta``, ``weighted``, ``entering`` ``(S + 2,)`` and ``per_class`` ``(U,)`` are the thread's
     scratch. Returns a bound on the relative error that underflow caused (see the module
-    docstring; inf where a frame's ``z`` vanished).
+    docstring; inf where a frame's ``z`` vanished), as soon as it exceeds ``max_error`` (the
+    caller then recomputes the item, posteriors included).
 
     :math:`\beta_{t-1}(s) = w_{stay}(s)\, \beta_t(s) y_t(s) + e_t(s{+}1) w_{adv}(s{+}1)\, \beta_t(s{+}1) y_t(s{+}1)
     + e_t(s{+}2) w_{skip}(s{+}2)\, \beta_t(s{+}2) y_t(s{+}2)`, rescaled per frame; times
@@ -343,6 +344,8 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
             return np.inf
         # every stored variable may have lost up to TINY (absolute, in its frame's scale)
         error += TINY * (alpha_norm + beta_norm) / z
+        if error > max_error:
+            return error
         inv_z = 1.0 / z
         per_class[blank] += blank_mass
         if per_state:
@@ -638,6 +641,11 @@ def _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, n
 #: The largest ``|log r|`` of a tilt (:func:`item_tilt`): moves weighted ``r``, ``r^2`` stay far
 #: inside float64's range.
 MAX_LOG_TILT = 30.0
+#: From this ``|log r|`` on, an item's first pass runs tilted (an untilted pass would mostly
+#: fail first: the blank phase's ``|log r|`` is 4-6, a confident model's 1-2); below it the
+#: untilted loop, two multiplications a state cheaper, goes first. A cost trade, not an exactness
+#: one: every pass is exact or sent on by the bound.
+TILT_FIRST = 1.0
 
 
 def tilted_graph(g: KernelGraph, tilt: np.ndarray) -> KernelGraph:
@@ -692,12 +700,14 @@ def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
 
 @_jit
 def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_grad, occupancy, alpha, scaled,
-                     max_error, per_state, retry_tilted=True):
+                     max_error, per_state, tilts=True):
     """Forward and backward pass, item by item: each thread keeps its item's forward variables
     in a buffer of its own, read back by the backward pass from cache rather than from memory.
-    Items whose underflow bound exceeds ``max_error``, or whose likelihood vanished, run again
-    tilted (:func:`item_tilt`; unless ``retry_tilted`` is False), and if that does not do
-    either, in log space (:func:`_log_forward`, :func:`_log_posteriors`), on the same thread:
+    Items whose :func:`item_tilt` is at least ``e^TILT_FIRST`` away from 1 run tilted from the
+    start; the others untilted, and where the underflow bound exceeds ``max_error``, or the
+    likelihood vanished, again
+    tilted (:func:`item_tilt`; unless ``tilts`` is False), and if that does not do either, in
+    log space (:func:`_log_forward`, :func:`_log_posteriors`), on the same thread:
     results are those of the log-space recursion, however extreme the scores.
 
     Args:
@@ -746,8 +756,12 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
         thread = numba.get_thread_id()
         Tb = input_lengths[b]
-        tilt = 1.0
-        for attempt in range(2):  # untilted, then (if underflow may matter) tilted towards the targets
+        # the tilt the item's scores call for: the first pass runs with it where it is far from
+        # 1, else untilted (the cheaper loop), then tilted if that pass cannot vouch for the item
+        estimate = item_tilt(b, log_probs, classes, num_classes, g, Tb, per_class[thread]) if tilts else 1.0
+        tilt = estimate if abs(math.log(estimate)) >= TILT_FIRST else 1.0
+        tilted[b] = tilt != 1.0
+        for attempt in range(2):
             ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled[thread],
                                    alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
             ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
@@ -755,12 +769,10 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
             if ran:
                 error[b] = _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha[thread], scaled[thread],
                                        occupancy, need_grad and not per_state, per_state, beta[thread],
-                                       weighted[thread], entering[thread], per_class[thread])
-            if (ll > -np.inf and error[b] <= max_error) or ll != ll or attempt == 1 or Tb == 0:
-                break
-            tilt = item_tilt(b, log_probs, classes, num_classes, g, Tb, per_class[thread]) if retry_tilted else 1.0
-            if tilt == 1.0:
-                break
+                                       weighted[thread], entering[thread], per_class[thread], max_error)
+            if (ll > -np.inf and error[b] <= max_error) or ll != ll or Tb == 0 or tilt != 1.0 or estimate == 1.0:
+                break  # vouched for, NaN, or a tilted pass could not: log space
+            tilt = estimate
             tilted[b] = True
         if ll == -np.inf or error[b] > max_error:  # underflow that may matter, or a vanished score
             log_space[b] = True

@@ -175,19 +175,23 @@ SMALL_FRAME = 16384
 
 
 class ProbabilityWeights(NamedTuple):
-    """The moves' ``(3, B, S)`` probability weights, and whether every stay and advance weight
-    is 1 (most topologies: the transition then needs two multiplications fewer per frame)."""
+    """The moves' ``(3, B, S)`` probability weights, and whether every stay weight, and every
+    advance weight too, is 1 (most topologies; a tilt leaves the stays 1: the transition then
+    needs one or two multiplications fewer per frame)."""
 
     moves: Tensor
     unit_stay_advance: bool
     skip: Tensor  # moves[SKIP], the view made once rather than every frame
+    unit_stay: bool = False
 
     @classmethod
     def of(cls, moves: Tensor, padding: Tensor | None = None) -> "ProbabilityWeights":
         """``padding``: ``(B, S)`` states past an item's end. No move leads from them back into
         the item's states, so what they hold changes nothing: they may count as unit weights."""
         unit = moves[ADVANCE:] == 1
-        return cls(moves, bool((unit if padding is None else unit | padding).all()), moves[SKIP])
+        if padding is not None:
+            unit = unit | padding
+        return cls(moves, bool(unit.all()), moves[SKIP], bool(unit[1].all()))
 
 
 class ProbabilitySemiring:
@@ -217,6 +221,8 @@ class ProbabilitySemiring:
         if alpha.numel() <= SMALL_FRAME and alpha.shape[1] >= 3:
             if weights.unit_stay_advance:
                 return torch.addcmul(alpha + F.pad(alpha, (1, -1)), F.pad(alpha, (2, -2)), weights.skip)
+            if weights.unit_stay:
+                return torch.addcmul(torch.addcmul(alpha, F.pad(alpha, (1, -1)), w[ADVANCE]), F.pad(alpha, (2, -2)), weights.skip)
             return torch.addcmul(torch.addcmul(alpha * w[STAY], F.pad(alpha, (1, -1)), w[ADVANCE]), F.pad(alpha, (2, -2)), weights.skip)
         return _Transition.apply(alpha, w)
 

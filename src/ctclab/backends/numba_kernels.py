@@ -12,12 +12,12 @@ in its frame's scale) to underflow. A loss at frame ``t`` in state ``s`` changes
 and every posterior by at most ``TINY * beta_t(s) / z_t`` relative (``TINY * alpha_t(s) / z_t``
 for a backward variable), with ``z_t = sum_s alpha_t(s) beta_t(s)``: the lost mass's whole
 future is in ``beta_t(s)``. :func:`_posteriors` adds ``TINY * (sum alpha_t + sum beta_t) / z_t``
-over the frames. An item whose bound is not negligible runs again tilted (:func:`item_tilt`:
-the variables times ``r^s``, which changes no path's score and no posterior, only how a frame's
-variables compare — what undoes a blank-dominated frame's or a long input's underflow); one
-whose tilted bound is not negligible either is recomputed in log space (:func:`_log_forward`,
-:func:`_log_posteriors`), so results are those of the log-space recursion, however extreme the
-scores.
+over the frames. Items run tilted (:func:`item_tilt`: the variables times ``r^s``, which
+changes no path's score and no posterior, only how a frame's variables compare — what undoes a
+blank-dominated frame's or a long input's underflow) from the start where ``r`` is far from 1,
+else after an untilted pass whose bound is not negligible; an item whose tilted bound is not
+negligible either is recomputed in log space (:func:`_log_forward`, :func:`_log_posteriors`),
+so results are those of the log-space recursion, however extreme the scores.
 
 The state graph comes from :class:`ctclab.graph.CTCGraph` as arrays (:class:`KernelGraph`: each
 state's class column, the weights of the moves into it, start, final and entry states, the band

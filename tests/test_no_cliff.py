@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -235,3 +237,45 @@ def test_no_tilt_where_its_estimate_is_not_finite_or_there_is_no_label():
     tilts = [nk.item_tilt(b, lp.numpy(), state.classes.numpy(), state.num_classes.numpy(), state.graph, int(il[b]),
                           np.zeros(state.classes.shape[1])) for b in range(lp.shape[1])]
     assert tilts[1] == 1.0 and tilts[2] == 1.0 and tilts[0] != 1.0 and all(math.isfinite(r) and r > 0 for r in tilts)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(T=st.integers(20, 70), L=st.integers(1, 20), C=st.integers(4, 8), blank_boost=st.sampled_from([0, 5, 12, 40, 80]),
+       scale=st.sampled_from([1, 3, 10, 300]), topology=st.sampled_from(list(TOPOLOGIES)), delay=st.sampled_from([0.0, 0.2]),
+       seed=st.integers(0, 2**16))
+def test_any_mix_of_blank_dominance_and_confidence_gives_the_log_space_result(T, L, C, blank_boost, scale, topology,
+                                                                              delay, seed):
+    """Whatever path an item takes (untilted; tilted, first or after an untilted pass; log space:
+    blank boosts and logit scales span all three), the fused loss and gradient are the
+    log-space reference's (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(T, 3, C, generator=g, dtype=torch.float64)
+    logits[..., 0] += blank_boost
+    L = min(L, T // 2)
+    targets = torch.randint(1, C, (3, L), generator=g)
+    il, tl = torch.tensor([T, T - 3, T // 2 + 1]), torch.tensor([L, max(L - 1, 0), min(L, T // 4)])
+    lp = logits.log_softmax(-1)
+    options = dict(topology=topology, delay_penalty=delay)
+    got = _nll_and_grad(lp, targets, il, tl, "numba", **options)
+    ref = _nll_and_grad(lp, targets, il, tl, "reference", **options)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-9)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("L, blank_boost", [(1, 0.0), (10, 5.0)])
+def test_frames_whose_variables_are_far_below_their_sum_keep_exact_finite_gradients(L, blank_boost):
+    """Two cases the property test above found (logits x300, T=20): a frame whose z fell near
+    float64's smallest number (1 / z overflowed: an inf and a NaN in the gradient), and a
+    tilted item whose backward variables lost mass that was divided by a tiny sum afterwards
+    (a posterior of 1.3e-6 read as 0 while the bound vouched for it)."""
+    g = torch.Generator().manual_seed(20)
+    logits = 300 * torch.randn(20, 3, 4, generator=g, dtype=torch.float64)
+    logits[..., 0] += blank_boost
+    targets = torch.randint(1, 4, (3, L), generator=g)
+    il, tl = torch.tensor([20, 17, 11]), torch.tensor([L, max(L - 1, 0), min(L, 5)])
+    lp = logits.log_softmax(-1)
+    got = _nll_and_grad(lp, targets, il, tl, "numba")
+    ref = _nll_and_grad(lp, targets, il, tl, "reference")
+    assert torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=1e-9)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-10)

@@ -215,7 +215,9 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
     its rescaling share the per-frame scale and band, which a split would pass back and forth.)"""
     flagged = False
     Sb = g.num_states[b]
-    unit = g.unit_moves and tilt == 1.0  # one loop-invariant branch
+    # one loop-invariant branch; the fast one multiplies no stored variable by a weight other
+    # than 0 or 1 before the emission's product, so nothing underflows in the last frame's scale
+    unit = g.unit_moves and tilt == 1.0 and delay == 0.0
     for s in range(Sb + 2):  # two rows, this frame's and the last; two leading zeros stand for states -2, -1
         state[0, s] = 0.0
         state[1, s] = 0.0
@@ -257,24 +259,29 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
         norm = 0.0
         underflow = False
         for s in range(lo, hi):
+            y = scaled[t, g.state_class[b, s]]
             if t == 0:
-                kept = 0.0
                 entering = g.start[b, s] * tilt ** s if g.start[b, s] != 0.0 else 0.0
+                if delay != 0.0:
+                    entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
+                v = entering * y
             elif unit:
                 kept = state[prev, s + 2]
                 entering = state[prev, s + 1] + g.skip[b, s] * state[prev, s]
-            else:
-                kept = g.stay[b, s] * state[prev, s + 2]
-                entering = tilt * (g.advance[b, s] * state[prev, s + 1] + tilt * g.skip[b, s] * state[prev, s])
-            if delay != 0.0:
-                entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
-            y = scaled[t, g.state_class[b, s]] * inv_prev
-            v = (kept + entering) * y
+                v = (kept + entering) * (y * inv_prev)
+            else:  # the last frame's variables divided by their sum first: products below TINY are then
+                # below TINY in this frame's scale, as the bound assumes (not 1 / norm times more)
+                kept = g.stay[b, s] * (state[prev, s + 2] * inv_prev)
+                entering = tilt * (g.advance[b, s] * (state[prev, s + 1] * inv_prev)
+                                   + tilt * g.skip[b, s] * (state[prev, s] * inv_prev))
+                if delay != 0.0:
+                    entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
+                v = (kept + entering) * y
             underflow |= v < TINY
             state[cur, s + 2] = v
             alpha[t, s] = v
             norm += v
-        if norm == 0.0:
+        if norm < TINY:  # vanished: 1 / norm would overflow the next frame (the bound cannot vouch)
             ok = False
             break
         flagged |= underflow
@@ -294,6 +301,32 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
     return -np.inf, flagged
 
 
+#: Below this ``z_t`` the posteriors' sums are redone on the variables divided by their frame's
+#: sums (:func:`_rescaled_sums`): the products ``alpha beta`` of two small normal numbers may
+#: fall below float64's smallest normal, and ``1 / z_t`` overflow.
+RESCALED_BELOW = 1e-200
+
+
+@_item_jit
+def _rescaled_sums(b, lo, hi, alpha_t, beta, g, n, blank, scale_alpha, scale_beta, per_class):
+    """The per-class sums and ``z`` of one frame of :func:`_posteriors` again, on
+    ``alpha scale_alpha`` and ``beta scale_beta``: ``per_class`` (``n`` classes) refilled,
+    returns ``(z, blank's share)``."""
+    for u in range(n):
+        per_class[u] = 0.0
+    z = 0.0
+    blank_mass = 0.0
+    for s in range(lo, hi):
+        ab = (alpha_t[s] * scale_alpha) * (beta[s] * scale_beta)
+        u = g.state_class[b, s]
+        if u == blank:
+            blank_mass += ab
+        else:
+            per_class[u] += ab
+        z += ab
+    return z, blank_mass
+
+
 @_item_jit
 def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occupancy, write, per_state,
                 beta, weighted, entering, per_class, max_error):
@@ -310,9 +343,11 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
     error = 0.0
     Sb = g.num_states[b]
     unit = g.unit_moves and tilt == 1.0
+    norm_next = 0.0  # the sum of the frame's beta over its band, known before the frame
     for s in range(Sb + 2):  # two trailing zeros stand for states Sb and Sb+1
         beta[s] = g.final[b, s] * tilt ** (Sb - 1 - s) if s < Sb and g.final[b, s] != 0.0 else 0.0
-        weighted[s] = 0.0  # beta_t(s) y_t(s); outside the band: 0, or read through a move of weight 0
+        norm_next += beta[s]
+        weighted[s] = 0.0  # beta_t(s) y_t(s) / sum(beta_t); outside the band: 0, or read through a move of weight 0
         entering[s] = 0.0  # the same, times the entry factor of the delay penalty
     for u in range(num_classes[b]):
         per_class[u] = 0.0
@@ -323,7 +358,10 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
         entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into entry states at t
         z = 0.0
         blank_mass = 0.0
-        beta_norm = 0.0
+        beta_norm = norm_next
+        if beta_norm < TINY:  # vanished (1 / beta_norm would overflow: inf, then NaN)
+            return np.inf
+        inv = 1.0 / beta_norm  # folded into the emissions: products below TINY are so in the next frame's scale
         alpha_norm = 0.0
         for s in range(lo, hi):
             u = g.state_class[b, s]
@@ -335,16 +373,21 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
                 per_class[u] += ab
             z += ab
             alpha_norm += a
-            beta_norm += beta[s]
-            w = beta[s] * scaled[t, u]
+            w = beta[s] * (scaled[t, u] * inv)
             weighted[s] = w
             if delay != 0.0:
                 entering[s] = w * (1.0 + g.entry[b, s] * (entry - 1.0))
         if z == 0.0:
             return np.inf
-        # every stored variable may have lost up to TINY (absolute, in its frame's scale)
-        error += TINY * (alpha_norm + beta_norm) / z
-        if error > max_error:
+        scale_alpha, scale_beta = 1.0, 1.0
+        if z < RESCALED_BELOW:  # alpha * beta near float64's smallest: 1 / z would overflow
+            scale_alpha, scale_beta = 1.0 / alpha_norm, 1.0 / beta_norm
+            z, blank_mass = _rescaled_sums(b, lo, hi, alpha[t], beta, g, num_classes[b], blank, scale_alpha,
+                                           scale_beta, per_class)
+        # every stored variable may have lost up to TINY (absolute, in its frame's scale): with
+        # z = sum (alpha scale_alpha) (beta scale_beta), TINY (alpha_norm + beta_norm) / (alpha beta)'s sum
+        error += TINY * (alpha_norm * scale_alpha * scale_beta + beta_norm * scale_beta * scale_alpha) / z
+        if not error <= max_error:  # NaN included
             return error
         inv_z = 1.0 / z
         per_class[blank] += blank_mass
@@ -352,7 +395,7 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
             for s in range(occupancy.shape[2]):
                 occupancy[t, b, s] = 0.0
             for s in range(lo, hi):
-                occupancy[t, b, s] = alpha[t, s] * beta[s] * inv_z
+                occupancy[t, b, s] = (alpha[t, s] * scale_alpha) * (beta[s] * scale_beta) * inv_z
         if write:
             for c in range(occupancy.shape[2]):  # columns of absent classes
                 occupancy[t, b, c] = 0.0
@@ -362,16 +405,18 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
             per_class[u] = 0.0
         if t == 0:
             break
-        # beta_{t-1}(s) = sum over successors s' of w(s -> s') beta_t(s') y_t(s'), rescaled by 1/sum(beta_t)
-        inv = 1.0 / beta_norm
+        # beta_{t-1}(s) = sum over successors s' of w(s -> s') beta_t(s') y_t(s') / sum(beta_t)
         plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
+        norm_next = 0.0
         if unit:
             for s in range(plo, phi):
-                beta[s] = (weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]) * inv
+                beta[s] = weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]
+                norm_next += beta[s]
         else:
             for s in range(plo, phi):
                 beta[s] = (g.stay[b, s] * weighted[s]
-                           + tilt * (g.advance[b, s + 1] * into[s + 1] + tilt * g.skip[b, s + 2] * into[s + 2])) * inv
+                           + tilt * (g.advance[b, s + 1] * into[s + 1] + tilt * g.skip[b, s + 2] * into[s + 2]))
+                norm_next += beta[s]
     return error
 
 
@@ -774,7 +819,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
                 break  # vouched for, NaN, or a tilted pass could not: log space
             tilt = estimate
             tilted[b] = True
-        if ll == -np.inf or error[b] > max_error:  # underflow that may matter, or a vanished score
+        if ll == -np.inf or not error[b] <= max_error:  # underflow that may matter (a NaN bound too), or a vanished score
             log_space[b] = True
             error[b] = 0.0
             ll = _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, need_grad, per_state,

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ._compat import renamed
 from ._inputs import frame_mask
-from .semiring import PROBABILITY, ProbabilityWeights, TiltedProbability, backward, forward
+from .semiring import MAX_LOG_TILT, PROBABILITY, ProbabilityWeights, TiltedProbability, backward, forward
 from .trellis import NEG, CTCTrellis, is_impossible
 from .trellis import log_space_nll
 
@@ -261,10 +261,6 @@ def reference_underflow_bound(forward: ScaledForward, dtype: torch.dtype | None 
     if T == 0:
         return torch.zeros(trellis.labels.shape[0], dtype=dtype, device=emissions.device)
     return torch.where(frame_mask(T, trellis.input_lengths), torch.stack(terms), 0.0).sum(0)
-
-
-#: The largest ``|log r|`` of a tilt (as :data:`ctclab.backends.numba_kernels.MAX_LOG_TILT`).
-MAX_LOG_TILT = 30.0
 
 
 @torch.no_grad()

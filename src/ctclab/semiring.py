@@ -50,6 +50,13 @@ def successors(ahead: Tensor, weights: Tensor, zero: float = NEG) -> Tensor:
     return torch.stack((padded[SKIP, :, 2:], padded[ADVANCE, :, 1:-1], padded[STAY, :, :-2]))
 
 
+def log_sum_floor(dtype: torch.dtype) -> float:
+    """The log-sum-exp's clamp: differences to the maximum below ``log(tiny) + 1`` count as that
+    (their terms vanish against the maximum's 1 either way; :class:`_LogSumExp`, and the fused
+    step of :mod:`ctclab.backends.triton_step`)."""
+    return math.log(torch.finfo(dtype).tiny) + 1
+
+
 class _LogSumExp(torch.autograd.Function):
     """``logsumexp`` over dim 0 whose backward is itself differentiable (so double backward works)
     and costs one autograd node instead of seven: the recursion's per-frame overhead is mostly
@@ -59,7 +66,7 @@ class _LogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        floor = math.log(torch.finfo(x.dtype).tiny) + 1
+        floor = log_sum_floor(x.dtype)
         shift = x.amax(0)
         out = (x - shift).clamp_(min=floor).exp_().sum(0).log_().add_(shift)
         ctx.save_for_backward(x, out)
@@ -231,6 +238,12 @@ class ProbabilitySemiring:
 
     def total(self, x: Tensor, dim: int = -1) -> Tensor:
         return x.sum(dim)
+
+
+#: The largest ``|log r|`` of a tilt (:class:`TiltedProbability`; the estimates
+#: :func:`ctclab.scaled.item_tilts` and :func:`ctclab.backends.numba_kernels.item_tilt` are
+#: clamped to it): moves weighted ``r``, ``r^2`` stay far inside float64's range.
+MAX_LOG_TILT = 30.0
 
 
 class TiltedProbability(ProbabilitySemiring):

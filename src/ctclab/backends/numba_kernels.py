@@ -34,6 +34,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from ..semiring import MAX_LOG_TILT  # a float: numba reads it as a constant
+
 # reassociation lets LLVM vectorise the per-frame sums; no flag that assumes finite values
 _FASTMATH = {"reassoc", "contract"}
 _jit = numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FASTMATH)
@@ -386,7 +388,7 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
                                            scale_beta, per_class)
         # every stored variable may have lost up to TINY (absolute, in its frame's scale): with
         # z = sum (alpha scale_alpha) (beta scale_beta), TINY (alpha_norm + beta_norm) / (alpha beta)'s sum
-        error += TINY * (alpha_norm * scale_alpha * scale_beta + beta_norm * scale_beta * scale_alpha) / z
+        error += TINY * (alpha_norm + beta_norm) * scale_alpha * scale_beta / z
         if not error <= max_error:  # NaN included
             return error
         inv_z = 1.0 / z
@@ -683,9 +685,6 @@ def _log_space_item(b, log_probs, classes, columns, num_classes, g, Tb, delay, n
     return ll
 
 
-#: The largest ``|log r|`` of a tilt (:func:`item_tilt`): moves weighted ``r``, ``r^2`` stay far
-#: inside float64's range.
-MAX_LOG_TILT = 30.0
 #: From this ``|log r|`` on, an item's first pass runs tilted (an untilted pass would mostly
 #: fail first: the blank phase's ``|log r|`` is 4-6, a confident model's 1-2); below it the
 #: untilted loop, two multiplications a state cheaper, goes first. A cost trade, not an exactness
@@ -749,11 +748,10 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     """Forward and backward pass, item by item: each thread keeps its item's forward variables
     in a buffer of its own, read back by the backward pass from cache rather than from memory.
     Items whose :func:`item_tilt` is at least ``e^TILT_FIRST`` away from 1 run tilted from the
-    start; the others untilted, and where the underflow bound exceeds ``max_error``, or the
-    likelihood vanished, again
-    tilted (:func:`item_tilt`; unless ``tilts`` is False), and if that does not do either, in
-    log space (:func:`_log_forward`, :func:`_log_posteriors`), on the same thread:
-    results are those of the log-space recursion, however extreme the scores.
+    start, the others untilted and, where the underflow bound exceeds ``max_error`` or the
+    likelihood vanished, again tilted (no tilt at all if ``tilts`` is False); an item no pass
+    vouches for runs in log space (:func:`_log_forward`, :func:`_log_posteriors`) on the same
+    thread: results are those of the log-space recursion, however extreme the scores.
 
     Args:
         log_probs: ``(T, B, C)`` float32/float64 log-scores.

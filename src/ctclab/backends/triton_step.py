@@ -34,15 +34,13 @@ accumulation type: a load's ``other`` would round it through float32). Arithmeti
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ..graph import NEG as _NEG_VALUE
-from ..semiring import LogSemiring
+from ..semiring import LogSemiring, log_sum_floor
 
 NEG = tl.constexpr(_NEG_VALUE)
 #: States per program.
@@ -110,11 +108,6 @@ def log_transition_backward_kernel(alpha_ptr, weights_ptr, out_ptr, g_ptr, grad_
     tl.store(grad_ptr + i, grad.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-def _floor(dtype: torch.dtype) -> float:
-    """The readable log-sum-exp's clamp (:class:`ctclab.semiring._LogSumExp`)."""
-    return math.log(torch.finfo(dtype).tiny) + 1
-
-
 def _grid(alpha: Tensor) -> tuple[int]:
     return (triton.cdiv(alpha.numel(), BLOCK),)
 
@@ -128,7 +121,7 @@ class LogTransition(torch.autograd.Function):
         out = torch.empty_like(alpha, memory_format=torch.contiguous_format)
         if alpha.numel():
             log_transition_kernel[_grid(alpha)](alpha.contiguous(), weights.to(alpha.dtype).contiguous(), out,
-                                                alpha.numel(), alpha.shape[1], _floor(alpha.dtype), BLOCK=BLOCK)
+                                                alpha.numel(), alpha.shape[1], log_sum_floor(alpha.dtype), BLOCK=BLOCK)
         ctx.save_for_backward(alpha, weights, out)  # the inputs themselves: double backward needs their history
         return out
 
@@ -143,7 +136,7 @@ class LogTransition(torch.autograd.Function):
         if alpha.numel():
             log_transition_backward_kernel[_grid(alpha)](
                 alpha.contiguous(), weights.to(alpha.dtype).contiguous(), out, grad.to(alpha.dtype).contiguous(),
-                grad_alpha, alpha.numel(), alpha.shape[1], _floor(alpha.dtype), BLOCK=BLOCK)
+                grad_alpha, alpha.numel(), alpha.shape[1], log_sum_floor(alpha.dtype), BLOCK=BLOCK)
         return grad_alpha, None
 
 

@@ -233,3 +233,12 @@ def test_the_blank_phase_runs_tilted_not_in_log_space(monkeypatch):
     (exact_grad,) = torch.autograd.grad(exact.sum(), x)
     torch.testing.assert_close(nll.double(), exact, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tilt", [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0, 2.0, 1.0]),
+                                  torch.tensor([1.0, -1.0, 2.0, 1.0]), torch.tensor([1.0, float("nan"), 2.0, 1.0])])
+def test_a_bad_tilt_is_refused_naming_it(tilt):
+    logits, targets, il, tl = random_batch(10, 4, 5, 3, seed=1, dtype=torch.float64)
+    lp = logits.log_softmax(-1)
+    with pytest.raises(ValueError, match="tilt must hold one positive finite number per item"):
+        scaled.scaled_forward(trellis_of(lp, targets, il, tl), lp, tilt=tilt.double())

@@ -150,7 +150,8 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
         A :class:`ScaledForward`; check :meth:`ScaledForward.certified` before trusting an item.
 
     Raises:
-        ValueError: the trellis has a delay penalty. TypeError: ``dtype`` is not float32/float64.
+        ValueError: the trellis has a delay penalty, or ``tilt`` is not ``(B,)`` positive and
+        finite. TypeError: ``dtype`` is not float32/float64.
     """
     if trellis.delay_penalty:
         raise ValueError("scaled_forward does not implement the delay penalty; use ctclab.trellis.log_alpha")
@@ -158,6 +159,9 @@ def scaled_forward(trellis: CTCTrellis, log_probs: Tensor, dtype: torch.dtype | 
     if dtype not in MAX_UNDERFLOW_ERROR:
         raise TypeError(f"dtype must be torch.float32 or torch.float64 (the recursion's dtype), got {dtype}")
     T, B, C = log_probs.shape
+    if tilt is not None and (tilt.shape != (B,) or not bool(((tilt > 0) & torch.isfinite(tilt)).all())):
+        raise ValueError(f"tilt must hold one positive finite number per item, shape ({B},); got shape "
+                         f"{tuple(tilt.shape)} (scaled.item_tilts gives one)")
     device = log_probs.device
     S = trellis.labels.shape[1]
     no_frames = torch.where(trellis.target_lengths == 0, 0.0, -torch.inf).to(dtype)

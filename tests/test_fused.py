@@ -45,6 +45,22 @@ def test_extreme_dynamic_range_matches_log_space(scale):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("delay,T,L", [(3.3, 200, 3), (0.0, 3000, 40)])
+def test_likelihood_bookkeeping_of_huge_and_many_frame_sums(delay, T, L):
+    """The forward takes one log of the frames' sums' running product every few hundred frames,
+    and the log of a sum outside [1e-100, 1e100] at once: a delay penalty whose entry factor
+    reaches e^330 (frame sums near 1e143 in the first frames) and a long
+    input (the product renormalised many times) give the log-space recursion's loss and gradient."""
+    logits, targets, il, tl = random_batch(T, 3, 6, L, seed=8, dtype=torch.float64)
+    lp = logits.log_softmax(-1)
+    state = numba_cpu._KernelState(CTCTrellis.build(ctc_batch(lp, targets, il, tl), "standard", delay), lp, True)
+    assert not state.log_space.any()  # the probability-space kernels, not their log-space fallback
+    got = nll_and_grad(lp, targets, il, tl, True, delay_penalty=delay)
+    ref = nll_and_grad(lp, targets, il, tl, False, delay_penalty=delay)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-11, atol=0.0)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-9, atol=1e-10)
+
+
 def test_auto_is_fused():
     logits, targets, il, tl = random_batch(10, 2, 4, 3, seed=1)
     x = logits.clone().requires_grad_(True)

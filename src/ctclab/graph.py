@@ -228,36 +228,35 @@ class CTCGraph:
         from .backends import numba_kernels
 
         host = self.host
-        return numba_kernels.graph_distances(host.start, host.final, host.moves)
+        return numba_kernels.graph_distances(host.start, host.final, host.moves, host.num_states)
 
     def distances(self) -> tuple[Tensor, Tensor]:
         """``(B, S)`` int64 each: the first frame at which a path can occupy each state (from a
         start state), and the fewest frames that must follow it (to a final state); a large
         number where there is none. Computed from the moves, whatever the topology."""
         device = self.labels.device
-        return tuple(torch.from_numpy(x).to(device) for x in self._distances)
-
-    @functools.cached_property
-    def _min_frames(self) -> np.ndarray:
-        from .backends import numba_kernels
-
-        earliest, _ = self._distances
-        host = self.host
-        shortest = np.where(host.final, earliest, numba_kernels.UNREACHABLE).min(1, initial=numba_kernels.UNREACHABLE) + 1
-        return np.where(host.num_states == 1, 0, shortest)
+        return tuple(torch.from_numpy(x).to(device) for x in self._distances[:2])
 
     @property
     def min_frames(self) -> Tensor:
         """``(B,)`` int64, the length of the shortest path (for standard CTC ``L + repeats``; 0
         for an empty target)."""
-        return torch.from_numpy(self._min_frames).to(self.labels.device)
+        return torch.from_numpy(self._distances[2]).to(self.labels.device)
+
+    @functools.cached_property
+    def _feasible(self) -> np.ndarray:
+        frames, shortest = self.host.input_lengths, self._distances[2]
+        return (frames >= shortest) & ((frames > 0) | (shortest == 0))
 
     @property
     def feasible(self) -> Tensor:
         """``(B,)`` bool, whether any path fits in the item's frames."""
-        frames = self.host.input_lengths
-        fits = (frames >= self._min_frames) & ((frames > 0) | (self._min_frames == 0))
-        return torch.from_numpy(fits).to(self.labels.device)
+        return torch.from_numpy(self._feasible).to(self.labels.device)
+
+    @property
+    def all_feasible(self) -> bool:
+        """Whether every item has a path that fits in its frames (:attr:`feasible`, on the host)."""
+        return bool(self._feasible.all())
 
     def band(self, num_frames: int) -> Tensor:
         """``(B, T, 2)`` int64 ``[lo, hi)``: at frame ``t`` only states in this range can lie on
@@ -269,7 +268,7 @@ class CTCGraph:
         """:meth:`band` as a host numpy array."""
         from .backends import numba_kernels
 
-        earliest, to_end = self._distances
+        earliest, to_end, _ = self._distances
         return numba_kernels.graph_band(earliest, to_end, self.host.input_lengths, self.host.num_states, num_frames)
 
     # -- what the PyTorch recursions read ------------------------------------------------------
@@ -329,7 +328,7 @@ class CTCGraph:
         from .backends import numba_kernels
 
         host = self.host
-        earliest, to_end = self._distances
+        earliest, to_end, _ = self._distances
         return numba_kernels.kernel_graph(
             host.labels if state_class is None else state_class.cpu().contiguous().numpy(), host.moves, host.start,
             host.final, host.entry, earliest, to_end, host.input_lengths, host.num_states, num_frames,

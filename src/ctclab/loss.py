@@ -66,9 +66,9 @@ def _nan_if_pathless_item_reads_invalid(graph: CTCGraph, log_probs: Tensor, nll:
     NaN or ``+inf`` in a class they read (a target class or blank), as the built-in gives: an
     ``inf`` (or 0) there would hide that the model emitted NaN. Items with paths get their NaN
     from the backends (where a state on the band reads it)."""
-    pathless = ~graph.feasible
-    if not bool(pathless.any()):
+    if graph.all_feasible:
         return nll
+    pathless = ~graph.feasible
     items = pathless.nonzero()[:, 0]
     T = log_probs.shape[0]
     read = log_probs[:, items].gather(2, graph.labels[items].unsqueeze(0).expand(T, -1, -1))  # (T, n, S)

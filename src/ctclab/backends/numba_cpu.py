@@ -11,9 +11,11 @@ recursion, at compiled speed whatever the scores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,29 +32,41 @@ _MAX_UNDERFLOW_ERROR = 1e-13
 _scratch = threading.local()
 
 
-def _workspace(name: str, shape: tuple[int, ...]) -> Tensor:
-    """A float64 scratch tensor of ``shape``, reused across calls of the same thread: the kernels'
+def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 scratch array of ``shape``, reused across calls of the same thread: the kernels'
     forward variables and scaled emissions live only during one forward, and fresh pages each
-    call cost page faults."""
+    call cost page faults. (numpy, not torch: a tensor and its ``.numpy()`` view cost a small
+    call several microseconds more.)"""
     numel = math.prod(shape)
     buffer = getattr(_scratch, name, None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=torch.float64)
+    if buffer is None or buffer.shape[0] < numel:
+        buffer = np.empty(numel)
         setattr(_scratch, name, buffer)
-    return buffer[:numel].view(shape)
+    return buffer[:numel].reshape(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _compact_columns(B: int, U: int) -> np.ndarray:
+    """``(B, U)`` int64 ``0..U-1`` in every row: where the compact posteriors put each item's
+    distinct labels (:func:`ctclab.backends.numba_kernels.forward_backward`'s ``columns``; only
+    read)."""
+    return np.tile(np.arange(U, dtype=np.int64), (B, 1))
 
 
 @contextlib.contextmanager
-def _threads_for(threads: int, chunked: bool):
+def _threads_for(threads: int, items: int):
     """numba's parallel loops, for the block, on at most ``threads`` threads (thread ids index the
-    kernels' scratch) and, when ``chunked`` (more items than threads), handing out items one at a
-    time to whichever thread is free (a thread slowed by a busy neighbour no longer holds up the
-    other's last items). Settings already right are left alone: each change costs tens of
-    microseconds, a fair share of a small call."""
+    kernels' scratch) and, with more ``items`` than threads, handing out runs of
+    ``items // (4 threads)`` neighbouring items (at least one) to whichever thread is free: a
+    thread slowed by a busy neighbour no longer holds up the other's last items, and neighbouring
+    items, whose posteriors share cache lines in the ``(T, B, .)`` layout, mostly stay on one
+    thread (items dealt one at a time made the two threads write the same lines: 10-15% slower
+    at (50, 64, 80, 20), measured). Settings already right are left alone: each change costs tens
+    of microseconds, a fair share of a small call."""
     import numba
 
     all_threads = numba.get_num_threads()
-    chunk = numba.set_parallel_chunksize(1) if chunked else None
+    chunk = numba.set_parallel_chunksize(max(1, items // (4 * threads))) if items > threads else None
     if threads != all_threads:
         numba.set_num_threads(threads)
     try:
@@ -100,6 +114,7 @@ class _KernelState:
         self.per_state = per_state
         loglik, self.tilted, self.log_space, self.occupancy = self._run(need_grad)
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
+        self.any_nan = bool(self.nan.any())
         self.nll = (-loglik).to(log_probs.dtype)
 
     def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -114,7 +129,7 @@ class _KernelState:
         T, B, C = self.lp.shape
         S = trellis.labels.shape[1]
         U = self.classes.shape[1]
-        columns = torch.arange(U).expand(B, U).contiguous() if self.compact else self.classes
+        columns = _compact_columns(B, U) if self.compact else self.classes.numpy()
         width = S if self.per_state else U if self.compact else C
         shape = (T, B, width) if need_grad else (0, 0, 0)
         # scratch per thread, and no more threads than items: one long item needs one T x S buffer
@@ -127,10 +142,10 @@ class _KernelState:
         occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
-        with _threads_for(threads, chunked=B > threads):
+        with _threads_for(threads, B):
             loglik, _, log_space, tilted = map(torch.from_numpy, numba_kernels.forward_backward(
-                self.lp.numpy(), self.classes.numpy(), columns.numpy(), self.num_classes.numpy(), self.graph,
-                float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha.numpy(), scaled.numpy(),
+                self.lp.numpy(), self.classes.numpy(), columns, self.num_classes.numpy(), self.graph,
+                float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha, scaled,
                 _MAX_UNDERFLOW_ERROR, self.per_state,
             ))
         return loglik, tilted, log_space, occupancy
@@ -151,7 +166,7 @@ class _KernelState:
             )
         else:
             grad = occupancy.mul_(scale[None, :, None])
-        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
+        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths) if self.any_nan else grad
 
 
 def available() -> bool:

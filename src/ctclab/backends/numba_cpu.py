@@ -60,8 +60,8 @@ def _threads_for(threads: int, items: int):
     ``items // (4 threads)`` neighbouring items (at least one) to whichever thread is free: a
     thread slowed by a busy neighbour no longer holds up the other's last items, and neighbouring
     items, whose posteriors share cache lines in the ``(T, B, .)`` layout, mostly stay on one
-    thread (items dealt one at a time made the two threads write the same lines: 10-15% slower
-    at (50, 64, 80, 20), measured). Settings already right are left alone: each change costs tens
+    thread (items dealt one at a time made the two threads write the same lines: the kernels
+    6-15% slower at (50, 64, 80, 20), minimum and median of 40 calls). Settings already right are left alone: each change costs tens
     of microseconds, a fair share of a small call."""
     import numba
 

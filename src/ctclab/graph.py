@@ -235,17 +235,20 @@ class CTCGraph:
         start state), and the fewest frames that must follow it (to a final state); a large
         number where there is none. Computed from the moves, whatever the topology."""
         device = self.labels.device
-        return tuple(torch.from_numpy(x).to(device) for x in self._distances[:2])
+        earliest, to_end, _ = self._distances
+        return tuple(torch.from_numpy(x).to(device) for x in (earliest, to_end))
 
     @property
     def min_frames(self) -> Tensor:
         """``(B,)`` int64, the length of the shortest path (for standard CTC ``L + repeats``; 0
         for an empty target)."""
-        return torch.from_numpy(self._distances[2]).to(self.labels.device)
+        _, _, shortest = self._distances
+        return torch.from_numpy(shortest).to(self.labels.device)
 
     @functools.cached_property
     def _feasible(self) -> np.ndarray:
-        frames, shortest = self.host.input_lengths, self._distances[2]
+        _, _, shortest = self._distances
+        frames = self.host.input_lengths
         return (frames >= shortest) & ((frames > 0) | (shortest == 0))
 
     @property

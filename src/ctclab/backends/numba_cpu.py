@@ -61,8 +61,8 @@ def _threads_for(threads: int, items: int):
     thread slowed by a busy neighbour no longer holds up the other's last items, and neighbouring
     items, whose posteriors share cache lines in the ``(T, B, .)`` layout, mostly stay on one
     thread (items dealt one at a time made the two threads write the same lines: the kernels
-    6-15% slower at (50, 64, 80, 20), minimum and median of 40 calls). Settings already right are left alone: each change costs tens
-    of microseconds, a fair share of a small call."""
+    6-15% slower at (50, 64, 80, 20), minimum and median of 40 calls). Settings already right
+    are left alone: each change costs tens of microseconds, a fair share of a small call."""
     import numba
 
     all_threads = numba.get_num_threads()
@@ -114,7 +114,6 @@ class _KernelState:
         self.per_state = per_state
         loglik, self.tilted, self.log_space, self.occupancy = self._run(need_grad)
         self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
-        self.any_nan = bool(self.nan.any())
         self.nll = (-loglik).to(log_probs.dtype)
 
     def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -166,7 +165,7 @@ class _KernelState:
             )
         else:
             grad = occupancy.mul_(scale[None, :, None])
-        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths) if self.any_nan else grad
+        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
 
 
 def available() -> bool:

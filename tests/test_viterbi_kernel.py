@@ -125,3 +125,29 @@ def test_the_step_compiles_to_vector_code():
             assert any(instruction in line for line in lines), instruction
         # a float32 row is widened a vector at a time
         assert any("vcvtps2pd" in line for line in lines) == (str(signature[0].dtype) == "float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_path_labels_on_cpu_are_those_of_the_torch_operations(dtype):
+    """The CPU's one-pass reading of the paths (labels, scores, states of unaligned items) is
+    exactly what the torch operations (the GPU's) give: paths that end early (-1 beyond an
+    item's frames), items not aligned, and scores read through a non-contiguous (batch-first)
+    view; the caller's states are left as they were."""
+    from ctclab import align
+
+    g = torch.Generator().manual_seed(0)
+    T, B, C, S = 9, 5, 6, 7
+    state_labels = torch.randint(0, C, (B, S), generator=g)
+    states = torch.randint(0, S, (B, T), generator=g)
+    states[1, 4:] = -1
+    states[3, :] = -1
+    aligned = torch.tensor([True, True, False, True, False])
+    for log_probs in (torch.randn(T, B, C, generator=g, dtype=dtype),
+                      torch.randn(B, T, C, generator=g, dtype=dtype).transpose(0, 1)):
+        given = states.clone()
+        expected = align._path_labels(states, aligned, state_labels, log_probs, 0)
+        got = align._path_labels_cpu(given, aligned, state_labels, log_probs, 0)
+        assert torch.equal(given, states)
+        for e, o in zip(expected, got):
+            assert e.dtype == o.dtype and torch.equal(e, o)
+        assert bool((got[0][2] == -1).all()) and bool((got[1][2] == 0).all()) and bool((got[2][4] == 0).all())

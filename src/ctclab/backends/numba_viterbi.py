@@ -215,3 +215,27 @@ def viterbi(log_probs, g, band, checkpoint_every, delay, states, path_scores):
                 states[b, t] = state
                 code = (packed[t - first, state >> 2] >> (2 * (state & 3))) & 3
                 state -= 2 - code
+
+
+@numba.njit(cache=True, nogil=True)
+def path_labels(states, aligned, state_labels, log_probs, blank, labels, scores):
+    """What a best path reads, in one pass over ``(B, T)`` (:func:`ctclab.align.best_paths` on
+    CPU, where its six torch operations on small tensors took 0.2-0.4 ms, 5-8% of an
+    alignment of B=32, T=500, L=100):
+    ``states`` (``-1`` beyond an item's frames) set to ``-1`` for items not ``aligned``;
+    ``labels[b, t] = state_labels[b, states[b, t]]`` and ``scores[b, t] = log_probs[t, b,
+    labels[b, t]]`` where a state is set, ``blank`` and 0 elsewhere.
+
+    Args:
+        states: ``(B, T)`` int64, in and out; aligned: ``(B,)`` bool; state_labels: ``(B, S)``
+            int64 (:attr:`ctclab.graph.CTCGraph.labels`); log_probs: ``(T, B, C)``;
+        labels, scores: ``(B, T)`` int64 and ``log_probs``' dtype, out.
+    """
+    B, T = states.shape
+    for t in range(T):  # frame by frame: the reads of log_probs stay within a few pages
+        for b in range(B):
+            s = states[b, t] if aligned[b] else -1
+            states[b, t] = s
+            label = state_labels[b, s] if s >= 0 else blank
+            labels[b, t] = label
+            scores[b, t] = log_probs[t, b, label] if s >= 0 else 0.0

@@ -189,7 +189,7 @@ def test_a_tilt_changes_neither_the_likelihood_nor_any_posterior(topology, delay
     lp = logits.log_softmax(-1).contiguous()
     state = _kernel_state(lp, targets, il, tl, topology, delay)
     T, S, U = lp.shape[0], state.trellis.labels.shape[1], state.classes.shape[1]
-    classes, num_classes, g = state.classes.numpy(), state.num_classes.numpy(), state.graph
+    classes, num_classes, g = state.classes, state.num_classes, state.graph
     scratch = dict(alpha=np.zeros((T, S)), scaled=np.zeros((T, U)), state=np.zeros((2, S + 2)), shifted=np.zeros(U),
                    bits=np.zeros(U, dtype=np.int64))
     for b in range(lp.shape[1]):
@@ -234,7 +234,7 @@ def test_no_tilt_where_its_estimate_is_not_finite_or_there_is_no_label():
     tl = tl.clone()
     tl[2] = 0
     state = _kernel_state(lp, targets, il, tl)
-    tilts = [nk.item_tilt(b, lp.numpy(), state.classes.numpy(), state.num_classes.numpy(), state.graph, int(il[b]),
+    tilts = [nk.item_tilt(b, lp.numpy(), state.classes, state.num_classes, state.graph, int(il[b]),
                           np.zeros(state.classes.shape[1])) for b in range(lp.shape[1])]
     assert tilts[1] == 1.0 and tilts[2] == 1.0 and tilts[0] != 1.0 and all(math.isfinite(r) and r > 0 for r in tilts)
 

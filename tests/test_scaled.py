@@ -206,7 +206,7 @@ def test_the_tilt_estimate_is_the_cpu_kernels(monkeypatch):
     lp = logits.log_softmax(-1)
     trellis = trellis_of(lp, targets, il, tl)
     state = numba_cpu._KernelState(trellis, lp, need_grad=False)
-    kernel = [numba_kernels.item_tilt(b, lp.numpy(), state.classes.numpy(), state.num_classes.numpy(), state.graph,
+    kernel = [numba_kernels.item_tilt(b, lp.numpy(), state.classes, state.num_classes, state.graph,
                                       int(il[b]), np.zeros(state.classes.shape[1])) for b in range(5)]
     ours = scaled.item_tilts(trellis, lp)
     torch.testing.assert_close(ours, torch.tensor(kernel, dtype=torch.float64), rtol=1e-12, atol=0)

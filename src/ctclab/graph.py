@@ -324,15 +324,15 @@ class CTCGraph:
         1 allowed, 0 forbidden), without the delay penalty's frame term."""
         return self.moves.exp().to(dtype)
 
-    def kernel_graph(self, num_frames: int, state_class: Tensor | None = None):
+    def kernel_graph(self, num_frames: int, state_class: np.ndarray | None = None):
         """:class:`ctclab.backends.numba_kernels.KernelGraph` of this graph for ``num_frames``
-        frames (CPU numpy arrays); ``state_class`` (default: :attr:`labels`) is what the kernels
-        index by each state."""
+        frames (CPU numpy arrays); ``state_class`` (``(B, S)`` int64 numpy, default: the host
+        :attr:`labels`) is what the kernels index by each state."""
         from .backends import numba_kernels
 
         host = self.host
         earliest, to_end, _ = self._distances
         return numba_kernels.kernel_graph(
-            host.labels if state_class is None else state_class.cpu().contiguous().numpy(), host.moves, host.start,
-            host.final, host.entry, earliest, to_end, host.input_lengths, host.num_states, num_frames,
+            host.labels if state_class is None else state_class, host.moves, host.start, host.final, host.entry,
+            earliest, to_end, host.input_lengths, host.num_states, num_frames,
         )

@@ -54,18 +54,18 @@ def _compact_columns(B: int, U: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _threads_for(threads: int, items: int):
-    """numba's parallel loops, for the block, on at most ``threads`` threads (thread ids index the
-    kernels' scratch) and, with more ``items`` than threads, handing out runs of
+def _threads_for(threads: int, items: int, all_threads: int):
+    """numba's parallel loops, for the block, on ``threads`` of its ``all_threads`` (thread ids
+    index the kernels' scratch) and, with more ``items`` than threads, handing out runs of
     ``items // (4 threads)`` neighbouring items (at least one) to whichever thread is free: a
     thread slowed by a busy neighbour no longer holds up the other's last items, and neighbouring
     items, whose posteriors share cache lines in the ``(T, B, .)`` layout, mostly stay on one
     thread (items dealt one at a time made the two threads write the same lines: the kernels
     6-15% slower at (50, 64, 80, 20), minimum and median of 40 calls). Settings already right
-    are left alone: each change costs tens of microseconds, a fair share of a small call."""
+    are left alone: each change costs tens of microseconds, a fair share of a small call. (Set
+    inside the kernel, the chunk size would keep numba from caching it.)"""
     import numba
 
-    all_threads = numba.get_num_threads()
     chunk = numba.set_parallel_chunksize(max(1, items // (4 * threads))) if items > threads else None
     if threads != all_threads:
         numba.set_num_threads(threads)
@@ -92,16 +92,18 @@ class _KernelState:
             (:func:`ctclab.backends.numba_kernels.item_tilt`): from the start, or after an
             untilted pass they could not vouch for.
         log_space: ``(B,)`` bool, the items the kernels recomputed in log space (after both).
-        nan: ``(B,)`` bool, items that read a NaN score (NaN loss and gradient).
+        nan, finite: ``(B,)`` bool numpy, items that read a NaN score (NaN loss and
+            gradient), items whose likelihood is finite (a path exists).
+        classes, num_classes, state_class: the kernels' class tables, numpy
+            (:func:`ctclab.backends.numba_kernels.class_tables`).
     """
 
     def __init__(self, trellis: CTCGraph, log_probs: Tensor, need_grad: bool, per_state: bool = False):
         from . import numba_kernels
 
         C = log_probs.shape[2]
-        self.num_classes, self.classes, self.state_class = map(
-            torch.from_numpy, numba_kernels.class_tables(trellis.labels.numpy(), C)
-        )
+        # host numpy arrays, as the kernels read them (no tensor round trips: a few microseconds each)
+        self.num_classes, self.classes, self.state_class = numba_kernels.class_tables(trellis.host.labels, C)
         U = self.classes.shape[1]
         self.graph = trellis.kernel_graph(log_probs.shape[0], self.state_class)
         self.lp = log_probs.detach().contiguous()
@@ -113,13 +115,14 @@ class _KernelState:
         self.compact = C > 2 * U
         self.per_state = per_state
         loglik, self.tilted, self.log_space, self.occupancy = self._run(need_grad)
-        self.nan = torch.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
-        self.nll = (-loglik).to(log_probs.dtype)
+        self.nan = np.isnan(loglik)  # the item read a NaN score: NaN loss, NaN gradient
+        self.finite = np.isfinite(loglik)  # (host arrays: a torch operation on B numbers costs more)
+        self.nll = torch.from_numpy((-loglik).astype(self.lp.numpy().dtype))
 
-    def _run(self, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The kernels' log-likelihoods, the items they ran tilted, those they recomputed in log
-        space and (with ``need_grad``) posteriors in the scores' dtype: per class, or per state
-        ``(T, B, S)`` with :attr:`per_state`."""
+    def _run(self, need_grad: bool) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
+        """The kernels' log-likelihoods (float64 numpy), the items they ran tilted, those they
+        recomputed in log space and (with ``need_grad``) posteriors in the scores' dtype: per
+        class, or per state ``(T, B, S)`` with :attr:`per_state`."""
         import numba
 
         from . import numba_kernels
@@ -128,11 +131,12 @@ class _KernelState:
         T, B, C = self.lp.shape
         S = trellis.labels.shape[1]
         U = self.classes.shape[1]
-        columns = _compact_columns(B, U) if self.compact else self.classes.numpy()
+        columns = _compact_columns(B, U) if self.compact else self.classes
         width = S if self.per_state else U if self.compact else C
         shape = (T, B, width) if need_grad else (0, 0, 0)
         # scratch per thread, and no more threads than items: one long item needs one T x S buffer
-        threads = max(1, min(numba.get_num_threads(), B))
+        all_threads = numba.get_num_threads()
+        threads = max(1, min(all_threads, B))
         check_memory(
             8 * threads * T * (S + U) + self.lp.element_size() * math.prod(shape), self.lp.device,
             f"ctc_loss (fused, T={T}, S={S} states per item)",
@@ -141,13 +145,13 @@ class _KernelState:
         occupancy = torch.empty(shape, dtype=self.lp.dtype)  # every entry written by the kernel
         scaled = _workspace("scaled", (threads, T, max(U, 1)))
         alpha = _workspace("alpha", (threads, T, S))
-        with _threads_for(threads, B):
-            loglik, _, log_space, tilted = map(torch.from_numpy, numba_kernels.forward_backward(
-                self.lp.numpy(), self.classes.numpy(), columns, self.num_classes.numpy(), self.graph,
+        with _threads_for(threads, B, all_threads):
+            loglik, _, log_space, tilted = numba_kernels.forward_backward(
+                self.lp.numpy(), self.classes, columns, self.num_classes, self.graph,
                 float(trellis.delay_penalty), need_grad, occupancy.numpy(), alpha, scaled,
                 _MAX_UNDERFLOW_ERROR, self.per_state,
-            ))
-        return loglik, tilted, log_space, occupancy
+            )
+        return loglik, torch.from_numpy(tilted), torch.from_numpy(log_space), occupancy
 
     def grad(self, grad_nll: Tensor) -> Tensor:
         """``(T, B, C)`` gradient for upstream ``(B,)`` ``grad_nll``. The posteriors' buffer
@@ -157,15 +161,15 @@ class _KernelState:
 
         occupancy = self.occupancy if self.occupancy is not None else self._run(True)[3]
         self.occupancy = None  # handed out: autograd may keep it as the .grad
-        scale = -torch.where(torch.isfinite(self.nll), grad_nll, 0.0).to(self.lp.dtype)
+        upstream = grad_nll.numpy()
+        scale = torch.from_numpy(np.where(self.finite, -upstream, 0.0).astype(self.lp.numpy().dtype))
         if self.compact:
             grad = torch.empty_like(self.lp)
-            numba_kernels.scatter_posteriors(
-                occupancy.numpy(), self.classes.numpy(), self.num_classes.numpy(), scale.numpy(), grad.numpy()
-            )
+            numba_kernels.scatter_posteriors(occupancy.numpy(), self.classes, self.num_classes, scale.numpy(), grad.numpy())
         else:
             grad = occupancy.mul_(scale[None, :, None])
-        return with_nan_items(grad, self.nan & (grad_nll != 0), self.trellis.input_lengths)
+        nan_items = self.nan & (upstream != 0)
+        return with_nan_items(grad, torch.from_numpy(nan_items), self.trellis.input_lengths) if nan_items.any() else grad
 
 
 def available() -> bool:

@@ -19,6 +19,13 @@ else after an untilted pass whose bound is not negligible; an item whose tilted 
 negligible either is recomputed in log space (:func:`_log_forward`, :func:`_log_posteriors`),
 so results are those of the log-space recursion, however extreme the scores.
 
+State and class indices in the loops over a frame's band are unsigned (``range(np.uint64(lo),
+np.uint64(hi))``, ``np.uint64(state_class[b, s])``), as in the Viterbi kernel: numba wraps a
+negative signed index around (a compare and a select on every access) unless LLVM can prove it
+non-negative, which it cannot for a band read from an array; with them the loops ran 10-40%
+slower (same results bit for bit; the probability-space kernels at the grid's shapes and the
+hard inputs, in one process, alternating; AMD EPYC, AVX2).
+
 The state graph comes from :class:`ctclab.graph.CTCGraph` as arrays (:class:`KernelGraph`: each
 state's class column, the weights of the moves into it, start, final and entry states, the band
 of states to visit per frame); these kernels only run its recursion, for any topology. They are
@@ -250,7 +257,7 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
         frame_max = -np.inf
         nan = False
         for u in range(n):
-            shifted[u] = log_probs[t, b, classes[b, u]]
+            shifted[u] = log_probs[t, b, np.uint64(classes[b, u])]
             frame_max = max(frame_max, shifted[u])
             nan |= shifted[u] != shifted[u]
         lo, hi = g.band[b, t, 0], g.band[b, t, 1]
@@ -278,8 +285,8 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
         prev = cur ^ 1
         norm = 0.0
         underflow = False
-        for s in range(lo, hi):
-            y = scaled[t, g.state_class[b, s]]
+        for s in range(np.uint64(lo), np.uint64(hi)):
+            y = scaled[t, np.uint64(g.state_class[b, s])]
             if t == 0:
                 entering = g.start[b, s] * tilt ** s if g.start[b, s] != 0.0 else 0.0
                 if delay != 0.0:
@@ -379,7 +386,7 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
     for u in range(num_classes[b]):
         per_class[u] = 0.0
     into = entering if delay != 0.0 else weighted  # what the moves into s+1, s+2 carry
-    blank = g.state_class[b, 0]  # state 0 emits blank
+    blank = np.uint64(g.state_class[b, 0])  # state 0 emits blank (unsigned, as u below)
     for t in range(Tb - 1, -1, -1):
         lo, hi = g.band[b, t, 0], g.band[b, t, 1]
         entry = math.exp(-delay * (t - 0.5 * Tb)) if delay != 0.0 else 1.0  # into entry states at t
@@ -390,8 +397,8 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
             return np.inf
         inv = 1.0 / beta_norm  # folded into the emissions: products below TINY are so in the next frame's scale
         alpha_norm = 0.0
-        for s in range(lo, hi):
-            u = g.state_class[b, s]
+        for s in range(np.uint64(lo), np.uint64(hi)):
+            u = np.uint64(g.state_class[b, s])
             a = alpha[t, s]
             ab = a * beta[s]
             if u == blank:  # a register, not a store-to-load chain through per_class[blank]
@@ -436,11 +443,11 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
         plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
         norm_next = 0.0
         if unit:
-            for s in range(plo, phi):
+            for s in range(np.uint64(plo), np.uint64(phi)):
                 beta[s] = weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]
                 norm_next += beta[s]
         else:
-            for s in range(plo, phi):
+            for s in range(np.uint64(plo), np.uint64(phi)):
                 beta[s] = (g.stay[b, s] * weighted[s]
                            + tilt * (g.advance[b, s + 1] * into[s + 1] + tilt * g.skip[b, s + 2] * into[s + 2]))
                 norm_next += beta[s]
@@ -553,7 +560,7 @@ def _log_forward(b, log_probs, classes, g, Tb, delay, weights, alpha, rows, term
         prev = cur ^ 1
         entry = -delay * (t - 0.5 * Tb)
         for i in range(n):
-            s = lo + i
+            s = np.uint64(lo + i)  # unsigned: no negative-index wraparound, the loop vectorises
             e = g.entry[b, s] * entry if delay != 0.0 else 0.0
             if t == 0:
                 kept, advanced, skipped = -np.inf, (0.0 if g.start[b, s] != 0.0 else -np.inf) + e, -np.inf
@@ -566,7 +573,7 @@ def _log_forward(b, log_probs, classes, g, Tb, delay, weights, alpha, rows, term
         bad = False
         frame_max = -np.inf
         for i in range(n):
-            y = np.float64(log_probs[t, b, classes[b, g.state_class[b, lo + i]]])
+            y = np.float64(log_probs[t, b, np.uint64(classes[b, g.state_class[b, lo + i]])])
             bad |= not y < np.inf  # NaN or +inf on the band: no answer
             out[1, i] += y
             frame_max = max(frame_max, out[1, i])
@@ -621,8 +628,8 @@ def _log_posteriors(b, log_probs, classes, columns, num_classes, g, Tb, delay, w
         n = hi - lo
         entry = -delay * (t - 0.5 * Tb)
         for i in range(n):
-            s = lo + i
-            y = np.float64(log_probs[t, b, classes[b, g.state_class[b, s]]])
+            s = np.uint64(lo + i)
+            y = np.float64(log_probs[t, b, np.uint64(classes[b, g.state_class[b, s]])])
             w = beta[s] + y
             weighted[s] = w
             if delay != 0.0:
@@ -658,7 +665,7 @@ def _log_posteriors(b, log_probs, classes, columns, num_classes, g, Tb, delay, w
         plo, phi = g.band[b, t - 1, 0], g.band[b, t - 1, 1]
         n = phi - plo
         for i in range(n):
-            s = plo + i
+            s = np.uint64(plo + i)
             kept = weighted[s] + weights[0, s]
             advanced = into[s + 1] + weights[1, s + 1]
             skipped = into[s + 2] + weights[2, s + 2]
@@ -755,7 +762,7 @@ def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
         mean[u] = 0.0
     for t in range(Tb):
         for u in range(n):
-            mean[u] += log_probs[t, b, classes[b, u]]
+            mean[u] += log_probs[t, b, np.uint64(classes[b, u])]
     label_sum = 0.0
     for s in range(1, Sb, 2):
         label_sum += mean[g.state_class[b, s]]

@@ -58,6 +58,9 @@ except ImportError:
     NRT_OPTION = False
 _item_jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, **({"_nrt": False} if NRT_OPTION else {}))
 
+#: Unsigned offsets for unsigned state indices (``s + _TWO`` stays unsigned; ``s + 2`` is signed again).
+_ONE, _TWO = np.uint64(1), np.uint64(2)
+
 #: Values below this (float64, in their frame's scale) count as possibly truncated by underflow.
 TINY = 1e-300
 
@@ -285,29 +288,35 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
         prev = cur ^ 1
         norm = 0.0
         underflow = False
-        for s in range(np.uint64(lo), np.uint64(hi)):
-            y = scaled[t, np.uint64(g.state_class[b, s])]
-            if t == 0:
+        # one loop per case (the first frame; unit moves; weighted moves), each free of
+        # branches; the entry factor is exactly 1 without a delay penalty
+        if t == 0:
+            for s in range(np.uint64(lo), np.uint64(hi)):
                 entering = g.start[b, s] * tilt ** s if g.start[b, s] != 0.0 else 0.0
-                if delay != 0.0:
-                    entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
-                v = entering * y
-            elif unit:
-                kept = state[prev, s + 2]
-                entering = state[prev, s + 1] + g.skip[b, s] * state[prev, s]
-                v = (kept + entering) * (y * inv_prev)
-            else:  # the last frame's variables divided by their sum first: products below TINY are then
-                # below TINY in this frame's scale, as the bound assumes (not 1 / norm times more)
-                kept = g.stay[b, s] * (state[prev, s + 2] * inv_prev)
-                entering = tilt * (g.advance[b, s] * (state[prev, s + 1] * inv_prev)
+                v = entering * (1.0 + g.entry[b, s] * (entry - 1.0)) * scaled[t, np.uint64(g.state_class[b, s])]
+                underflow |= v < TINY
+                state[cur, s + _TWO] = v
+                alpha[t, s] = v
+                norm += v
+        elif unit:
+            for s in range(np.uint64(lo), np.uint64(hi)):
+                entering = state[prev, s + _ONE] + g.skip[b, s] * state[prev, s]
+                v = (state[prev, s + _TWO] + entering) * (scaled[t, np.uint64(g.state_class[b, s])] * inv_prev)
+                underflow |= v < TINY
+                state[cur, s + _TWO] = v
+                alpha[t, s] = v
+                norm += v
+        else:  # the last frame's variables divided by their sum first: products below TINY are then
+            # below TINY in this frame's scale, as the bound assumes (not 1 / norm times more)
+            for s in range(np.uint64(lo), np.uint64(hi)):
+                kept = g.stay[b, s] * (state[prev, s + _TWO] * inv_prev)
+                entering = tilt * (g.advance[b, s] * (state[prev, s + _ONE] * inv_prev)
                                    + tilt * g.skip[b, s] * (state[prev, s] * inv_prev))
-                if delay != 0.0:
-                    entering *= 1.0 + g.entry[b, s] * (entry - 1.0)
-                v = (kept + entering) * y
-            underflow |= v < TINY
-            state[cur, s + 2] = v
-            alpha[t, s] = v
-            norm += v
+                v = (kept + entering * (1.0 + g.entry[b, s] * (entry - 1.0))) * scaled[t, np.uint64(g.state_class[b, s])]
+                underflow |= v < TINY
+                state[cur, s + _TWO] = v
+                alpha[t, s] = v
+                norm += v
         if norm < TINY:  # vanished: 1 / norm would overflow the next frame (the bound cannot vouch)
             ok = False
             break
@@ -444,12 +453,12 @@ def _posteriors(b, columns, num_classes, g, Tb, delay, tilt, alpha, scaled, occu
         norm_next = 0.0
         if unit:
             for s in range(np.uint64(plo), np.uint64(phi)):
-                beta[s] = weighted[s] + into[s + 1] + g.skip[b, s + 2] * into[s + 2]
+                beta[s] = weighted[s] + into[s + _ONE] + g.skip[b, s + _TWO] * into[s + _TWO]
                 norm_next += beta[s]
         else:
             for s in range(np.uint64(plo), np.uint64(phi)):
                 beta[s] = (g.stay[b, s] * weighted[s]
-                           + tilt * (g.advance[b, s + 1] * into[s + 1] + tilt * g.skip[b, s + 2] * into[s + 2]))
+                           + tilt * (g.advance[b, s + _ONE] * into[s + _ONE] + tilt * g.skip[b, s + _TWO] * into[s + _TWO]))
                 norm_next += beta[s]
     return error
 

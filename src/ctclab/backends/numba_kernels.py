@@ -45,6 +45,7 @@ import numba
 import numpy as np
 
 from ..semiring import MAX_LOG_TILT  # a float: numba reads it as a constant
+from .numba_viterbi import _ONE, _TWO  # unsigned offsets: ``s + _TWO`` stays unsigned, ``s + 2`` is signed again
 
 # reassociation lets LLVM vectorise the per-frame sums; no flag that assumes finite values
 _FASTMATH = {"reassoc", "contract"}
@@ -61,8 +62,6 @@ except ImportError:
     NRT_OPTION = False
 _item_jit = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, **({"_nrt": False} if NRT_OPTION else {}))
 
-#: Unsigned offsets for unsigned state indices (``s + _TWO`` stays unsigned; ``s + 2`` is signed again).
-_ONE, _TWO = np.uint64(1), np.uint64(2)
 
 #: Values below this (float64, in their frame's scale) count as possibly truncated by underflow.
 TINY = 1e-300

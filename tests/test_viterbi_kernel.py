@@ -100,10 +100,12 @@ def _host_has(feature):
     return any(f == "+" + feature for f in llvm.get_host_cpu_features().flatten().split(","))
 
 
-@pytest.mark.skipif(not _host_has("avx2"), reason="checks the x86 AVX2 code numba emits for this machine")
+@pytest.mark.skipif(not _host_has("avx2"), reason="checks the x86 AVX2 / AVX-512 code numba emits for this machine")
 def test_the_step_compiles_to_vector_code():
-    """The frame step (compares, maxima, blends over 4 float64 states in a ymm register, codes
-    converted to bytes a vector at a time) is vector code on x86 with AVX2."""
+    """The frame step (compares, maxima, selects over float64 states in a vector register,
+    codes converted to bytes a vector at a time) is vector code on x86: 4 states in a ymm
+    register with AVX2, 8 in a zmm register where the host has AVX-512 (LLVM then selects
+    through mask registers, ``{%k}``, instead of ``vblendvpd``)."""
     nv = ctclab.backends.numba_viterbi
 
     @numba.njit
@@ -119,10 +121,17 @@ def test_the_step_compiles_to_vector_code():
     for dtype, widen in ((np.float64, ()), (np.float32, ("vcvtps2pd",))):
         frame(np.zeros((1, 1, 3), dtype=dtype), 0, 0, np.zeros((1, S), dtype=np.int64), np.zeros(S + 4), w, 0.0,
               np.zeros(S, dtype=dtype), 0, S, np.zeros(S + 4), np.zeros(S, dtype=np.uint8), np.zeros(S // 4, dtype=np.uint8))
+    avx512 = _host_has("avx512f")
+    register = "%zmm" if avx512 else "%ymm"
     for signature in frame.signatures:
-        lines = [line for line in frame.inspect_asm(signature).splitlines() if "%ymm" in line]
-        for instruction in ("vmaxpd", "vcmpltpd", "vblendvpd", "vaddpd", "vmulpd", "vcvttpd2dq"):
+        asm = frame.inspect_asm(signature).splitlines()
+        lines = [line for line in asm if register in line]
+        for instruction in ("vmaxpd", "vcmpltpd", "vaddpd", "vmulpd", "vcvttpd2dq"):
             assert any(instruction in line for line in lines), instruction
+        if avx512:  # compares write mask registers, which the selects read
+            assert any("vcmpltpd" in line and "%k" in line for line in lines)
+        else:
+            assert any("vblendvpd" in line for line in lines)
         # a float32 row is widened a vector at a time
         assert any("vcvtps2pd" in line for line in lines) == (str(signature[0].dtype) == "float32")
 

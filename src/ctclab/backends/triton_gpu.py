@@ -147,7 +147,8 @@ class _TritonCTC(torch.autograd.Function):
         log_probs = log_probs.detach()
         arrays = _Arrays(graph, log_probs, compute_dtype(log_probs.dtype))
         nll, alpha = _forward(arrays, log_probs, keep=ctx.needs_input_grad[0])
-        ctx.arrays, ctx.alpha, ctx.nll, ctx.log_probs = arrays, alpha, nll, log_probs
+        ctx.arrays, ctx.alpha, ctx.log_probs = arrays, alpha, log_probs
+        ctx.save_for_backward(nll)  # an output kept as an attribute would be a reference cycle (output -> grad_fn -> ctx)
         return nll
 
     @staticmethod
@@ -157,7 +158,8 @@ class _TritonCTC(torch.autograd.Function):
         # the backward pass overwrites the forward variables: a second backward (retain_graph) recomputes them
         alpha = ctx.alpha if ctx.alpha is not None else _forward(ctx.arrays, ctx.log_probs, keep=True)[1]
         ctx.alpha = None
-        return _backward(ctx.arrays, ctx.log_probs, alpha, ctx.nll, grad_nll), None
+        (nll,) = ctx.saved_tensors
+        return _backward(ctx.arrays, ctx.log_probs, alpha, nll, grad_nll), None
 
 
 def loss(graph: CTCGraph, log_probs: Tensor) -> Tensor:

@@ -158,29 +158,22 @@ class CTCGraph:
         (a name in :data:`TOPOLOGIES`)."""
         check_topology(topology)
         check_delay_penalty(delay_penalty)
+        from .backends import numba_kernels
+
         targets = batch.targets.cpu().numpy()
-        lengths = batch.target_lengths.cpu().numpy()
-        B, L = targets.shape
-        S = 2 * L + 1
-        labels = np.full((B, S), batch.blank, dtype=np.int64)
-        labels[:, 1::2] = targets
-        states = np.arange(S)
-        num_states = 2 * lengths[:, None] + 1
-        inside = states < num_states  # no way into an item's padding states
-        label_states = (states % 2 == 1) & inside
+        # the blank-extended labels; start: state 0, and 1 if there is a label; final: the last
+        # blank, and the last label; no way into an item's padding states (beyond ``inside``)
+        labels, label_states, inside, start, final, num_states = numba_kernels.state_arrays(
+            targets, batch.target_lengths.cpu().numpy(), batch.blank)
         stay, advance, skip = TOPOLOGIES[topology](targets, label_states)
-        allowed = np.stack((skip, advance, stay)) & inside  # SKIP, ADVANCE, STAY
-        moves = np.where(allowed, 0.0, -np.inf)
-        has_labels = lengths[:, None] > 0
-        start = states <= has_labels  # state 0, and state 1 if there is a label
-        final = inside & (states >= num_states - 1 - has_labels)  # the last blank, and the last label
+        moves = numba_kernels.move_weights(skip, advance, stay, inside)  # 0 where allowed, -inf elsewhere
         device = batch.targets.device
         on_device = (lambda x: torch.from_numpy(x)) if device.type == "cpu" else (lambda x: torch.from_numpy(x).to(device))
         graph = cls(on_device(labels), on_device(moves), on_device(start), on_device(final), on_device(label_states),
                     batch.input_lengths, batch.target_lengths, batch.blank, topology, float(delay_penalty))
         # the host arrays it was made from, for the CPU kernels (no conversions per use)
         graph.__dict__["host"] = HostArrays(labels, moves, start, final, label_states, batch.input_lengths.cpu().numpy(),
-                                            num_states[:, 0])
+                                            num_states)
         return graph
 
     @property

@@ -133,6 +133,58 @@ class KernelGraph(NamedTuple):
     unit_moves: bool
 
 
+@numba.njit(cache=True, nogil=True)
+def state_arrays(targets, lengths, blank):
+    """The arrays of :meth:`ctclab.graph.CTCGraph.build` that no topology changes, in one pass
+    (as whole-array numpy operations they cost several times more at a training step's shapes).
+
+    Args:
+        targets: ``(B, L)`` int64 padded targets; lengths: ``(B,)`` int64; blank: its class.
+
+    Returns:
+        ``labels`` ``(B, S)`` int64, the blank-extended targets (``S = 2 L + 1``; the targets'
+        padding is written as it comes); bool ``(B, S)``: ``label_states`` (odd states inside
+        the item), ``inside`` (the item's ``2 L_b + 1`` states), ``start`` (state 0, and state 1
+        if there is a label), ``final`` (the last blank, and the last label if there is one);
+        ``num_states`` ``(B,)`` int64, ``2 L_b + 1``.
+    """
+    B, L = targets.shape
+    S = 2 * L + 1
+    labels = np.full((B, S), blank, dtype=np.int64)
+    label_states = np.zeros((B, S), dtype=np.bool_)
+    inside = np.zeros((B, S), dtype=np.bool_)
+    start = np.zeros((B, S), dtype=np.bool_)
+    final = np.zeros((B, S), dtype=np.bool_)
+    num_states = 2 * lengths + 1
+    for b in range(B):
+        for i in range(L):
+            labels[b, 2 * i + 1] = targets[b, i]
+        n = num_states[b]
+        for s in range(n):
+            inside[b, s] = True
+            label_states[b, s] = s % 2 == 1
+        has_labels = 1 if lengths[b] > 0 else 0
+        start[b, 0] = True
+        start[b, has_labels] = True
+        final[b, n - 1] = True
+        final[b, n - 1 - has_labels] = True
+    return labels, label_states, inside, start, final, num_states
+
+
+@numba.njit(cache=True, nogil=True)
+def move_weights(skip, advance, stay, inside):
+    """``(3, B, S)`` float64 log-weights of the moves (:data:`ctclab.graph.SKIP`, ``ADVANCE``,
+    ``STAY``) from a topology's bool ``(B, S)`` rule: 0 where the move exists into a state
+    ``inside`` the item, ``-inf`` elsewhere."""
+    B, S = inside.shape
+    moves = np.empty((3, B, S))
+    for m, allowed in enumerate((skip, advance, stay)):
+        for b in range(B):
+            for s in range(S):
+                moves[m, b, s] = 0.0 if allowed[b, s] and inside[b, s] else -np.inf
+    return moves
+
+
 #: Distance of a state that no path reaches (or that reaches no end), in frames.
 UNREACHABLE = 1 << 40
 
@@ -146,9 +198,9 @@ def graph_distances(start, final, moves, num_states):
     the frames of each item's shortest path (0 for an empty target, ``num_states`` 1; more than
     :data:`UNREACHABLE` where no path exists)."""
     _, B, S = moves.shape
-    earliest = np.full((B, S), UNREACHABLE, dtype=np.int64)
-    to_end = np.full((B, S), UNREACHABLE, dtype=np.int64)
-    shortest = np.zeros(B, dtype=np.int64)
+    earliest = np.empty((B, S), dtype=np.int64)  # every entry written below
+    to_end = np.empty((B, S), dtype=np.int64)
+    shortest = np.empty(B, dtype=np.int64)
     for b in range(B):
         for s in range(S):
             e = 0 if start[b, s] else UNREACHABLE
@@ -179,7 +231,7 @@ def graph_band(earliest, to_end, input_lengths, num_states, num_frames):
     the end fits in the frames left (whatever the topology; monotone envelopes of the
     distances, so the band only moves forward). Empty beyond an item's frames."""
     B, S = earliest.shape
-    band = np.zeros((B, num_frames, 2), dtype=np.int64)
+    band = np.empty((B, num_frames, 2), dtype=np.int64)  # every entry written below
     suffix_min = np.empty(S, dtype=np.int64)
     prefix_min = np.empty(S, dtype=np.int64)
     for b in range(B):
@@ -213,8 +265,9 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
     ``start``, ``final``, ``entry`` ``(B, S)`` bool; the distances of :func:`graph_distances`),
     in one pass: probability weights padded with two zeros, 0/1 flags, the band."""
     _, B, S = moves.shape
-    weights = np.zeros((3, B, S + 2))
-    flags = np.zeros((3, B, S))
+    weights = np.empty((3, B, S + 2))
+    weights[:, :, S:] = 0.0  # the two trailing zeros; the rest written below
+    flags = np.empty((3, B, S))
     unit = True
     for b in range(B):
         for s in range(S):
@@ -979,8 +1032,8 @@ def class_tables(labels, num_classes_total):
     """
     B, S = labels.shape
     rank = np.full(num_classes_total, -1, dtype=np.int64)
-    counts = np.zeros(B, dtype=np.int64)
-    listed = np.zeros((B, S), dtype=np.int64)
+    counts = np.empty(B, dtype=np.int64)  # every entry written below
+    listed = np.empty((B, S), dtype=np.int64)
     state_class = np.empty((B, S), dtype=np.int64)
     for b in range(B):
         for s in range(S):

@@ -190,14 +190,14 @@ def test_a_tilt_changes_neither_the_likelihood_nor_any_posterior(topology, delay
     state = _kernel_state(lp, targets, il, tl, topology, delay)
     T, S, U = lp.shape[0], state.trellis.labels.shape[1], state.classes.shape[1]
     classes, num_classes, g = state.classes, state.num_classes, state.graph
-    scratch = dict(alpha=np.zeros((T, S)), scaled=np.zeros((T, U)), state=np.zeros((2, S + 2)), shifted=np.zeros(U),
-                   bits=np.zeros(U, dtype=np.int64))
+    scratch = dict(alpha=np.zeros((T, S)), scaled=np.zeros((T, U)), state=np.zeros((2, S + 2)), emit=np.zeros(S),
+                   shifted=np.zeros(U), bits=np.zeros(U, dtype=np.int64))
     for b in range(lp.shape[1]):
         results = []
         for tilt in (1.0, math.exp(log_tilt)):
             occupancy = np.zeros((T, lp.shape[1], S))
             ll, _ = nk._forward(b, lp.numpy(), classes, num_classes, g, int(il[b]), delay, tilt, scratch["scaled"],
-                                scratch["alpha"], scratch["state"], scratch["shifted"], scratch["bits"],
+                                scratch["alpha"], scratch["state"], scratch["emit"], scratch["shifted"], scratch["bits"],
                                 scratch["bits"].view(np.float64))
             nk._posteriors(b, classes, num_classes, g, int(il[b]), delay, tilt, scratch["alpha"], scratch["scaled"],
                            occupancy, False, True, np.zeros(S + 2), np.zeros(S + 2), np.zeros(S + 2), np.zeros(U),

@@ -27,7 +27,11 @@ for a band read from an array; and the forward's state loop is one branch-free l
 Together these made the kernels 1.2-2.3x faster, results the same bit for bit (minima of 30
 calls at the grid's shapes and the hard inputs, in one process, alternating with the former
 kernels; AMD EPYC, AVX2): 2x at the seed's shape, 1.2x at (50, 64, 80, 20), 1.3x for the
-log-space fallback (confident, wrong emissions).
+log-space fallback (confident, wrong emissions). The forward's state loops read the frame's
+emissions from a contiguous row gathered before them (an indexed load inside kept LLVM from
+vectorising: a store might alias it); they are now vector code (``zmm`` on Zen 5), the forward
+up to 1.2x faster at (500, 32, 29, 150), unchanged where bands are a few dozen states wide,
+results the same bit for bit.
 
 The state graph comes from :class:`ctclab.graph.CTCGraph` as arrays (:class:`KernelGraph`: each
 state's class column, the weights of the moves into it, start, final and entry states, the band
@@ -285,7 +289,7 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
 
 
 @_item_jit
-def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alpha, state, shifted, bits, power):
+def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alpha, state, emit, shifted, bits, power):
     r"""Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
     and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
     ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
@@ -343,34 +347,41 @@ def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alp
         prev = cur ^ 1
         norm = 0.0
         underflow = False
-        # one loop per case (the first frame; unit moves; weighted moves), each free of
-        # branches; the entry factor is exactly 1 without a delay penalty
+        # the frame's emissions gathered into a contiguous row first: the state loops then read
+        # and write only contiguous rows, which LLVM vectorises (an indexed load in the loop
+        # kept it scalar: a store might alias it). One loop per case (the first frame; unit
+        # moves; weighted moves), each free of branches; the entry factor is exactly 1 without
+        # a delay penalty.
+        for s in range(np.uint64(lo), np.uint64(hi)):
+            emit[s] = scaled[t, np.uint64(g.state_class[b, s])]
+        old, new, alpha_t = state[prev], state[cur], alpha[t]
         if t == 0:
             for s in range(np.uint64(lo), np.uint64(hi)):
                 entering = g.start[b, s] * tilt ** s if g.start[b, s] != 0.0 else 0.0
-                v = entering * (1.0 + g.entry[b, s] * (entry - 1.0)) * scaled[t, np.uint64(g.state_class[b, s])]
+                v = entering * (1.0 + g.entry[b, s] * (entry - 1.0)) * emit[s]
                 underflow |= v < TINY
-                state[cur, s + _TWO] = v
-                alpha[t, s] = v
+                new[s + _TWO] = v
+                alpha_t[s] = v
                 norm += v
         elif unit:
+            skip = g.skip[b]
             for s in range(np.uint64(lo), np.uint64(hi)):
-                entering = state[prev, s + _ONE] + g.skip[b, s] * state[prev, s]
-                v = (state[prev, s + _TWO] + entering) * (scaled[t, np.uint64(g.state_class[b, s])] * inv_prev)
+                entering = old[s + _ONE] + skip[s] * old[s]
+                v = (old[s + _TWO] + entering) * (emit[s] * inv_prev)
                 underflow |= v < TINY
-                state[cur, s + _TWO] = v
-                alpha[t, s] = v
+                new[s + _TWO] = v
+                alpha_t[s] = v
                 norm += v
         else:  # the last frame's variables divided by their sum first: products below TINY are then
             # below TINY in this frame's scale, as the bound assumes (not 1 / norm times more)
+            stay, advance, skip, entries = g.stay[b], g.advance[b], g.skip[b], g.entry[b]
             for s in range(np.uint64(lo), np.uint64(hi)):
-                kept = g.stay[b, s] * (state[prev, s + _TWO] * inv_prev)
-                entering = tilt * (g.advance[b, s] * (state[prev, s + _ONE] * inv_prev)
-                                   + tilt * g.skip[b, s] * (state[prev, s] * inv_prev))
-                v = (kept + entering * (1.0 + g.entry[b, s] * (entry - 1.0))) * scaled[t, np.uint64(g.state_class[b, s])]
+                kept = stay[s] * (old[s + _TWO] * inv_prev)
+                entering = tilt * (advance[s] * (old[s + _ONE] * inv_prev) + tilt * skip[s] * (old[s] * inv_prev))
+                v = (kept + entering * (1.0 + entries[s] * (entry - 1.0))) * emit[s]
                 underflow |= v < TINY
-                state[cur, s + _TWO] = v
-                alpha[t, s] = v
+                new[s + _TWO] = v
+                alpha_t[s] = v
                 norm += v
         if norm < TINY:  # vanished: 1 / norm would overflow the next frame (the bound cannot vouch)
             ok = False
@@ -886,6 +897,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     tilted = np.zeros(B, dtype=np.bool_)
     # each thread's scratch, made once: the per-item functions take it all from here
     state = np.zeros((threads, 2, S + 2))
+    emit = np.empty((threads, S))
     shifted = np.empty((threads, U))
     bits = np.empty((threads, U), dtype=np.int64)
     power = bits.view(np.float64)
@@ -902,7 +914,7 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
         tilted[b] = tilt != 1.0
         for attempt in range(2):
             ll, flagged = _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled[thread],
-                                   alpha[thread], state[thread], shifted[thread], bits[thread], power[thread])
+                                   alpha[thread], state[thread], emit[thread], shifted[thread], bits[thread], power[thread])
             ran = ll > -np.inf and Tb > 0 and (need_grad or flagged)
             error[b] = 0.0
             if ran:

@@ -235,7 +235,7 @@ def test_no_tilt_where_its_estimate_is_not_finite_or_there_is_no_label():
     tl[2] = 0
     state = _kernel_state(lp, targets, il, tl)
     tilts = [nk.item_tilt(b, lp.numpy(), state.classes, state.num_classes, state.graph, int(il[b]),
-                          np.zeros(state.classes.shape[1])) for b in range(lp.shape[1])]
+                          np.zeros(state.classes.shape[1]), np.zeros(0)) for b in range(lp.shape[1])]
     assert tilts[1] == 1.0 and tilts[2] == 1.0 and tilts[0] != 1.0 and all(math.isfinite(r) and r > 0 for r in tilts)
 
 

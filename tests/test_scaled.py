@@ -206,8 +206,12 @@ def test_the_tilt_estimate_is_the_cpu_kernels(monkeypatch):
     lp = logits.log_softmax(-1)
     trellis = trellis_of(lp, targets, il, tl)
     state = numba_cpu._KernelState(trellis, lp, need_grad=False)
-    kernel = [numba_kernels.item_tilt(b, lp.numpy(), state.classes, state.num_classes, state.graph,
-                                      int(il[b]), np.zeros(state.classes.shape[1])) for b in range(5)]
+    # the kernel's two ways of summing the scores (every class's rows, the item's classes
+    # gathered) give the same tilts, bit for bit
+    kernel, gathered = ([numba_kernels.item_tilt(b, lp.numpy(), state.classes, state.num_classes, state.graph,
+                                                 int(il[b]), np.zeros(state.classes.shape[1]), np.zeros(sums))
+                         for b in range(5)] for sums in (lp.shape[2], 0))
+    assert kernel == gathered
     ours = scaled.item_tilts(trellis, lp)
     torch.testing.assert_close(ours, torch.tensor(kernel, dtype=torch.float64), rtol=1e-12, atol=0)
     assert ours[4] == 1.0 and (ours[1:4].diff() > 0).all() and ours[3] > 1

@@ -49,7 +49,7 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """An uninitialised CPU tensor whose memory numpy allocated: numpy asks Linux for
     transparent huge pages for large arrays (``madvise``), so a fresh posterior or gradient
     buffer is faulted in 2 MiB at a time instead of 4 KiB (a new 160 MB gradient, at (1000, 8,
-    5000), allocated and written in 10 ms instead of 58 ms on the AMD EPYC of issue 16); where
+    5000), allocated and written in 10 ms instead of 58 ms on an AMD EPYC, Zen 5); where
     the system has no huge pages it is an ordinary allocation. The kernels write every entry."""
     return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
 
@@ -125,8 +125,8 @@ class _KernelState:
         # scattered onto the classes in backward: one pass over the gradient instead of zeros
         # written in forward and a read-modify-write in backward. (Peak memory is no higher in
         # the full layout, which becomes the gradient; it is held from forward to backward.) The
-        # passes cost alike near C = 6 U: the full layout 3-5% faster at (50, 64, 80, 20) (C = 3.8 U),
-        # even at C = 6 U, the compact 11% faster at C = 12.6 U (AMD EPYC, medians of 150 calls)
+        # two cost alike near C = 6 U: the full layout 3-5% faster at (50, 64, 80, 20) (C = 3.8 U),
+        # the compact one 11% faster at C = 12.6 U (AMD EPYC Zen 5, medians of 150 calls each)
         self.compact = C > 4 * U
         self.per_state = per_state
         loglik, self.tilted, self.log_space, self.occupancy = self._run(need_grad)

@@ -811,7 +811,7 @@ def tilted_graph(g: KernelGraph, tilt: np.ndarray) -> KernelGraph:
 
 
 @_item_jit
-def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
+def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean, sums):
     r"""The tilt ``r`` of item ``b``'s retry (:func:`forward_backward`): the recursion then runs on
     :math:`\alpha_t(s) r^s` and :math:`\beta_t(s) r^{-s}` — advance moves weighted ``r``, skips
     ``r^2``, start state ``s`` ``r^s``, final state ``s`` ``r^{S_b - 1 - s}`` and the likelihood
@@ -827,17 +827,31 @@ def item_tilt(b, log_probs, classes, num_classes, g, Tb, mean):
     this on average: :math:`r^2 = \frac{\bar p_{blank}}{\bar p_{label}} \frac{L_b}{T_b - L_b}`,
     the geometric means over the item's frames of blank's and its target labels' scores, times
     the ratio that puts the peak of a binomial path count at the posterior's position. 1 when
-    it is not finite (``-inf`` scores) or the item has no label. ``mean`` ``(U,)`` is scratch."""
+    it is not finite (``-inf`` scores) or the item has no label. ``mean`` ``(U,)`` is scratch;
+    so is ``sums``, ``(C,)`` or empty: with it every class's scores are summed over the frames,
+    whole rows at a time (vector code), and the item's classes picked from the sums, else the
+    item's classes are gathered frame by frame (fewer additions where ``C`` is much larger than
+    ``U``, but a load and a store per addition). The same sums, in the same order, either way."""
     Sb = g.num_states[b]
     labels = (Sb - 1) // 2  # label states are the odd ones (ctclab.graph.CTCGraph.build)
     if labels == 0 or Tb <= 0:
         return 1.0
     n = num_classes[b]
-    for u in range(n):
-        mean[u] = 0.0
-    for t in range(Tb):
+    C = log_probs.shape[2]
+    if sums.shape[0] >= C:
+        for c in range(C):
+            sums[c] = 0.0
+        for t in range(Tb):
+            for c in range(C):
+                sums[c] += log_probs[t, b, c]
         for u in range(n):
-            mean[u] += log_probs[t, b, np.uint64(classes[b, u])]
+            mean[u] = sums[np.uint64(classes[b, u])]
+    else:
+        for u in range(n):
+            mean[u] = 0.0
+        for t in range(Tb):
+            for u in range(n):
+                mean[u] += log_probs[t, b, np.uint64(classes[b, u])]
     label_sum = 0.0
     for s in range(1, Sb, 2):
         label_sum += mean[g.state_class[b, s]]
@@ -903,13 +917,19 @@ def forward_backward(log_probs, classes, columns, num_classes, g, delay, need_gr
     power = bits.view(np.float64)
     beta, weighted, entering = np.empty((threads, S + 2)), np.empty((threads, S + 2)), np.empty((threads, S + 2))
     per_class = np.empty((threads, U))
+    # item_tilt sums every class's scores (contiguous rows, vector code) where that is at most
+    # twice the additions of the item's classes alone (a gathered load and a store each): all
+    # items' tilts 2x faster at the seed's shape (C = 1.1 U), 1.1x slower at C = 3.8 U, 2x at
+    # C = 13 U (AMD EPYC Zen 5)
+    C = log_probs.shape[2]
+    class_sums = np.empty((threads, C if C <= 2 * U else 0))
     exact = [log_scratch(S) for _ in range(threads)]
     for b in numba.prange(B):  # items to whichever thread is free (dynamic with a chunk size set)
         thread = numba.get_thread_id()
         Tb = input_lengths[b]
         # the tilt the item's scores call for: the first pass runs with it where it is far from
         # 1, else untilted (the cheaper loop), then tilted if that pass cannot vouch for the item
-        estimate = item_tilt(b, log_probs, classes, num_classes, g, Tb, per_class[thread]) if tilts else 1.0
+        estimate = item_tilt(b, log_probs, classes, num_classes, g, Tb, per_class[thread], class_sums[thread]) if tilts else 1.0
         tilt = estimate if abs(math.log(estimate)) >= TILT_FIRST else 1.0
         tilted[b] = tilt != 1.0
         for attempt in range(2):

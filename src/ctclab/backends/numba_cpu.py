@@ -46,14 +46,23 @@ def _workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised CPU tensor whose memory numpy allocated: numpy asks Linux for
-    transparent huge pages for large arrays (``madvise``), so a fresh posterior or gradient
-    buffer is faulted in 2 MiB at a time instead of 4 KiB (a new 160 MB gradient, at (1000, 8,
-    5000), allocated and written in 10 ms instead of 58 ms on an AMD EPYC, Zen 5); where
-    the system has no huge pages it is an ordinary allocation. The kernels write every entry."""
+    """An uninitialised CPU tensor for the posteriors or the gradient (the kernels write every
+    entry). Blocks of :data:`_ALWAYS_MAPPED` bytes and more come fresh from the system at every
+    call (glibc maps them anew and unmaps them when freed) and each page is faulted in again:
+    those numpy allocates, asking Linux for transparent huge pages (``madvise``), 2 MiB per
+    fault instead of 4 KiB (a new 160 MB gradient, at (1000, 8, 5000), written in 10 ms instead
+    of 58 ms; AMD EPYC Zen 5). Smaller ones torch allocates, from memory glibc mostly reuses
+    (numpy's huge-page advice made 4 MB buffers fault 500 pages a call at the seed's shape,
+    the kernel 2.3x slower on those calls)."""
+    if math.prod(shape) * _ITEMSIZE[dtype] < _ALWAYS_MAPPED:
+        return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
 
 
+#: glibc's largest ``mmap`` threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): blocks
+#: at least this large are always mapped, never reused from the heap.
+_ALWAYS_MAPPED = 32 * 2**20
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 

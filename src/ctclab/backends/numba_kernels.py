@@ -291,8 +291,8 @@ def kernel_graph(state_class, moves, start, final, entry, earliest, to_end, inpu
 @_item_jit
 def _forward(b, log_probs, classes, num_classes, g, Tb, delay, tilt, scaled, alpha, state, emit, shifted, bits, power):
     r"""Forward pass of item ``b`` (arguments as :func:`forward_backward`'s; ``scaled`` ``(T, U)``
-    and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``shifted``,
-    ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
+    and ``alpha`` ``(T, S)`` are the thread's, filled here; ``state`` ``(2, S + 2)``, ``emit``
+    ``(S,)``, ``shifted``, ``bits`` and ``power`` ``(U,)`` its scratch). Returns the log-likelihood (-inf if no path)
     and whether any variable fell below :data:`TINY`; NaN if a score the item reads (its labels',
     blank's) is NaN at one of its frames, as the log-space recursion would give.
 

@@ -118,6 +118,40 @@ def test_fused_backward_twice_through_a_retained_graph():
     torch.testing.assert_close(second, 3 * kept)
 
 
+def test_a_large_gradient_reuses_memory_only_once_no_tensor_uses_it(monkeypatch):
+    """The kept gradient block (numba_cpu._gradient_buffer) is handed out again only when
+    nothing refers to the last gradient: not while it, a view of it or its .numpy() lives; and a
+    gradient handed out is never written by a later call."""
+    monkeypatch.setattr(numba_cpu, "_ALWAYS_MAPPED", 0)  # every gradient counts as large here
+    monkeypatch.setattr(numba_cpu._scratch, "gradient", None, raising=False)
+    logits, targets, il, tl = random_batch(20, 3, 40, 3, seed=5)  # C > 4 U: the compact layout
+    lp = logits.log_softmax(-1)
+    ref = lp.detach().requires_grad_(True)
+    ctc_loss(ref, targets, il, tl, impl="autograd", reduction="sum").backward()
+
+    def gradient(scale=1.0):
+        x = lp.detach().requires_grad_(True)
+        (scale * ctc_loss(x, targets, il, tl, impl="fused", reduction="sum")).backward()
+        return x.grad
+
+    first = gradient()
+    address = first.data_ptr()
+    del first
+    second = gradient()
+    assert second.data_ptr() == address  # nothing used it: reused
+    torch.testing.assert_close(second, ref.grad)
+    for keep in (lambda g: g, lambda g: g[1:], lambda g: g.numpy()):
+        held, address = keep(second), second.data_ptr()
+        before = second.clone()
+        del second
+        third = gradient(2.0)
+        assert third.data_ptr() != address  # still in use: a new block
+        torch.testing.assert_close(third, 2 * ref.grad)
+        assert torch.equal(torch.as_tensor(held), before[-torch.as_tensor(held).shape[0]:])  # untouched
+        del held
+        second = third
+
+
 def test_kernel_exp_matches_libm_to_double_precision():
     np = pytest.importorskip("numpy")
     from ctclab.backends.numba_kernels import exp_nonpositive

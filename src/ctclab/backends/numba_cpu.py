@@ -55,7 +55,7 @@ def _host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     of 58 ms; AMD EPYC Zen 5). Smaller ones torch allocates, from memory glibc mostly reuses
     (numpy's huge-page advice made 4 MB buffers fault 500 pages a call at the seed's shape,
     the kernel 2.3x slower on those calls)."""
-    if math.prod(shape) * _ITEMSIZE[dtype] < _ALWAYS_MAPPED:
+    if not _always_mapped(shape, dtype):
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[dtype]))
 
@@ -71,8 +71,8 @@ def _gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     4.5-6 ms in every call; with a fresh block 7-13 ms, and up to 100 ms where the memory had
     gone back to the host of the VM; AMD EPYC Zen 5). The kept block is one gradient's size,
     held until the thread ends or a gradient of another shape replaces it."""
-    if math.prod(shape) * _ITEMSIZE[dtype] < _ALWAYS_MAPPED:
-        return torch.empty(shape, dtype=dtype)
+    if not _always_mapped(shape, dtype):
+        return _host_empty(shape, dtype)
     kept = getattr(_scratch, "gradient", None)
     # references: the attribute, the name kept, getrefcount's argument; a tensor using it adds one
     if kept is None or kept.shape != shape or kept.dtype != _NUMPY_DTYPES[dtype] or sys.getrefcount(kept) > 3:
@@ -84,8 +84,12 @@ def _gradient_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 #: glibc's largest ``mmap`` threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): blocks
 #: at least this large are always mapped, never reused from the heap.
 _ALWAYS_MAPPED = 32 * 2**20
-_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _always_mapped(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether a buffer of ``shape`` and ``dtype`` is a block glibc maps afresh at every call."""
+    return math.prod(shape) * _NUMPY_DTYPES[dtype].itemsize >= _ALWAYS_MAPPED
 
 
 @functools.lru_cache(maxsize=64)
